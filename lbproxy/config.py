@@ -1,0 +1,281 @@
+"""Settings: one pydantic-settings model, filled from (highest first) CLI flags, `LBPROXY_*`
+environment variables, an optional TOML file (`--config` / `LBPROXY_CONFIG`), then defaults.
+
+The model is flat on purpose: every field is a CLI flag (`--field-name`), an environment variable
+(`LBPROXY_FIELD_NAME`) and a TOML key (`field_name`), with the same name everywhere. The CLI's
+`--help` and the README's configuration reference are generated from the field descriptions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from lbproxy.observe import ERROR_PENALTY, LATENCY_SCALE_S, MAX_BACKENDS
+
+POLICY_NAMES = ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed", "dqn")
+
+
+class ConfigError(Exception):
+    """A user mistake in configuration: reported as one line, exit code 2, never a traceback."""
+
+
+class BackendSpec(BaseModel):
+    """One upstream: its base URL and relative capacity (weight)."""
+
+    url: str
+    weight: float = Field(default=1.0, gt=0)
+    name: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http",) or not parts.hostname or (parts.port is None and ":" in parts.netloc):
+            raise ValueError(f"malformed backend URL {v!r}: expected http://HOST:PORT")
+        if not parts.hostname:
+            raise ValueError(f"malformed backend URL {v!r}: expected http://HOST:PORT")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"malformed backend URL {v!r}: {exc}") from None
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> BackendSpec:
+        if not self.name:
+            p = urlsplit(self.url)
+            self.name = f"{p.hostname}:{p.port or 80}"
+        return self
+
+
+def parse_backends(value: Any) -> list[BackendSpec]:
+    """Accepts `URL[=WEIGHT][,URL[=WEIGHT]...]`, a list of such strings, or a list of tables
+    (`{url = "...", weight = 2}`) as written in TOML."""
+    if value is None or value == "":
+        return []
+    items: list[Any] = value.split(",") if isinstance(value, str) else list(value)
+    out: list[BackendSpec] = []
+    for item in items:
+        if isinstance(item, BackendSpec):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append(BackendSpec(**item))
+        else:
+            text = str(item).strip()
+            if not text:
+                continue
+            url, sep, weight = text.rpartition("=")
+            if sep and weight.replace(".", "", 1).isdigit():
+                out.append(BackendSpec(url=url, weight=float(weight)))
+            else:
+                out.append(BackendSpec(url=text))
+    return out
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LBPROXY_", extra="forbid", validate_default=True)
+
+    # --- what to run -------------------------------------------------------------------------------
+    mode: Literal["serve", "train", "evaluate"] = Field(
+        "serve",
+        description="What to run: serve live "
+        "traffic, train the DQN (live or in the simulator), or evaluate a model against every heuristic.",
+    )
+    config: Path | None = Field(None, description="TOML file with any of these settings (keys as below).")
+    policy: str = Field("round_robin", description=f"Balancing policy: {', '.join(POLICY_NAMES)}.")
+    seed: int = Field(0, description="Random seed for policies, exploration, simulator and training.")
+
+    # --- data plane --------------------------------------------------------------------------------
+    backends: list[BackendSpec] = Field(
+        default_factory=list,
+        description="Upstreams as URL[=WEIGHT][,URL[=WEIGHT]...], e.g. http://127.0.0.1:8081,http://127.0.0.1:8082=2.",
+    )
+    cluster_file: Path | None = Field(
+        None,
+        description="Cluster TOML (as for `python -m backends "
+        "--cluster`); its servers become the backends, their workers x speed the weights.",
+    )
+    host: str = Field("0.0.0.0", description="Address the proxy listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the proxy listens on.")
+    admin_host: str = Field(
+        "127.0.0.1",
+        description="Address of the admin listener (/metrics, /healthz, "
+        "/readyz, /admin/backends); loopback only by default.",
+    )
+    admin_port: int = Field(9180, ge=0, le=65535, description="Port of the admin listener.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout (s).")
+    read_timeout_s: float = Field(30.0, gt=0, description="Upstream time to first byte / between reads (s).")
+    total_timeout_s: float = Field(60.0, gt=0, description="Upstream total request timeout (s); 504 past it.")
+    retry: bool = Field(
+        True,
+        description="Retry idempotent requests once on another backend after a connect "
+        "error or a stale keep-alive disconnect.",
+    )
+    access_log: bool = Field(False, description="Log every request (costs ~10% throughput).")
+    health_interval_s: float = Field(2.0, ge=0, description="Active health check interval (s); 0 disables.")
+    health_path: str = Field("/health", description="Path probed by active health checks.")
+    health_rise: int = Field(2, ge=1, description="Consecutive passing checks that mark a backend healthy.")
+    health_fall: int = Field(3, ge=1, description="Consecutive failing checks that mark a backend unhealthy.")
+    eject_consecutive_failures: int = Field(
+        5,
+        ge=1,
+        description="Consecutive 5xx/connect failures that eject a backend (Envoy outlier detection default: 5).",
+    )
+    eject_base_s: float = Field(
+        30.0,
+        gt=0,
+        description="Base ejection time (s), multiplied by the number of "
+        "times the backend was ejected (Envoy default: 30 s).",
+    )
+    max_ejection_percent: float = Field(50.0, ge=0, le=100, description="Never eject more than this share of backends.")
+    panic_threshold_percent: float = Field(
+        50.0,
+        ge=0,
+        le=100,
+        description="Below this share of available backends, route to all of them (Envoy's panic mode, default 50%).",
+    )
+
+    # --- learning ----------------------------------------------------------------------------------
+    env: Literal["auto", "live", "sim"] = Field(
+        "auto",
+        description="Training environment: live HTTP traffic "
+        "or the simulator; auto = live when backends are configured, else sim.",
+    )
+    scenario: str | None = Field(
+        None,
+        description="Simulator scenario: a shipped name (see `lbproxy "
+        "--list-scenarios`) or a TOML file path. Default: the three-phase curriculum cluster.",
+    )
+    episodes: int | None = Field(None, ge=1, description="Episodes to run (train default 6000, evaluate 50).")
+    episode_decisions: int = Field(256, ge=1, description="Routed decisions per episode.")
+    run_dir: Path = Field(Path("runs/default"), description="Where checkpoints/, metrics/ and reports go.")
+    resume: bool = Field(False, description="Continue training from the newest checkpoint in run_dir.")
+    init_model: Path | None = Field(None, description="Start live training from this (simulator-trained) model.")
+    model: Path | None = Field(None, description="DQN model to serve or evaluate (default: the shipped model).")
+    online: bool = Field(False, description="In serve mode, keep learning from live traffic.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference and learning run.")
+    checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every N episodes.")
+    metrics_every: int = Field(10, ge=1, description="Write a metrics CSV row every N episodes.")
+    gamma: float = Field(0.5, ge=0, le=1, description="Discount; small because routing is nearly a bandit.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(128, ge=1, description="Learner minibatch size.")
+    buffer_size: int = Field(100_000, ge=1, description="Replay buffer capacity (transitions).")
+    learning_starts: int = Field(1000, ge=0, description="Transitions collected before the first update.")
+    updates_per_decision: float = Field(0.25, gt=0, description="Learner updates per routed decision.")
+    target_update_every: int = Field(500, ge=1, description="Updates between target-network syncs.")
+    weight_sync_every: int = Field(50, ge=1, description="Updates between publishing weights to inference.")
+    eps_start: float = Field(1.0, ge=0, le=1, description="Initial exploration rate.")
+    eps_end: float = Field(0.02, ge=0, le=1, description="Final exploration rate.")
+    eps_fraction: float = Field(0.3, gt=0, le=1, description="Share of training over which epsilon decays.")
+    hidden: int = Field(128, ge=4, description="Hidden width of the Q-network.")
+    dueling: bool = Field(False, description="Use a dueling Q head.")
+    grad_clip: float = Field(10.0, gt=0, description="Gradient-norm clip.")
+    latency_scale_s: float = Field(LATENCY_SCALE_S, gt=0, description="Reward latency scale (s).")
+    error_penalty: float = Field(ERROR_PENALTY, ge=0, description="Reward penalty for an error or timeout.")
+    decision_deadline_us: float = Field(
+        500.0, gt=0, description="Max DQN decision wait before falling back to peak_ewma (µs)."
+    )
+    max_batch: int = Field(256, ge=1, description="Max decisions per inference forward pass.")
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _parse_backends(cls, v: Any) -> list[BackendSpec]:
+        return parse_backends(v)
+
+    @field_validator("backends")
+    @classmethod
+    def _check_backend_count(cls, v: list[BackendSpec]) -> list[BackendSpec]:
+        if len(v) > MAX_BACKENDS:
+            raise ValueError(f"at most {MAX_BACKENDS} backends are supported, got {len(v)}")
+        return v
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, v: str) -> str:
+        if v not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(POLICY_NAMES)}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = _TOML_PATH.get("path")
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def train_env(self) -> Literal["live", "sim"]:
+        if self.env == "auto":
+            return "live" if self.backends or self.cluster_file else "sim"
+        return self.env
+
+    def resolved_episodes(self) -> int:
+        if self.episodes is not None:
+            return self.episodes
+        return 50 if self.mode == "evaluate" else 6000
+
+
+_TOML_PATH: dict[str, Path | None] = {"path": None}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int)) or "settings"
+    field = loc.split(".")[0]
+    flag = "--" + field.replace("_", "-")
+    env = "LBPROXY_" + field.upper()
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        return f"unknown setting {field!r} (in the TOML file or environment); see `lbproxy --help`"
+    return f"invalid setting {flag} ({env}): {msg}"
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Build Settings from CLI overrides, environment and TOML; raises ConfigError with one line."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    toml = overrides.get("config") or os.environ.get("LBPROXY_CONFIG")
+    if toml is not None:
+        path = Path(toml)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass an existing TOML file to --config")
+        _TOML_PATH["path"] = path
+    else:
+        _TOML_PATH["path"] = None
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+    except ValueError as exc:  # e.g. a TOML syntax error
+        raise ConfigError(f"cannot read configuration: {exc}") from None
+    if settings.cluster_file is not None and not settings.backends:
+        settings.backends = backends_from_cluster_file(settings.cluster_file)
+    return settings
+
+
+def backends_from_cluster_file(path: Path) -> list[BackendSpec]:
+    """Backends of a cluster TOML (see lbproxy.cluster); weight = workers x speed."""
+    from lbproxy.cluster import ClusterSpecError, load_cluster
+
+    try:
+        cluster = load_cluster(path)
+    except ClusterSpecError as exc:
+        raise ConfigError(f"invalid setting --cluster-file: {exc}") from None
+    return [BackendSpec(url=s.url, weight=s.workers * s.speed, name=s.name) for s in cluster.servers]

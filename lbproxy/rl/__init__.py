@@ -1,0 +1,1 @@
+"""Deep Q-learning: network, replay buffer, learner, checkpoints and the inference engine."""
