@@ -1,0 +1,141 @@
+"""The Double-DQN learner: online + target Q-networks, Adam, Huber loss, gradient clipping.
+
+The update step follows CleanRL's `dqn.py` (target under no_grad, gather, loss, clip, step, target
+sync) with two changes: Double DQN (van Hasselt et al. 2016: the online net picks argmax a', the
+target net scores it), and an action mask on s' so that bootstrap never uses a backend that was
+unavailable. `update` is called from the simulator loop or from the live proxy's learner thread;
+it owns no thread of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from lbproxy.observe import ERROR_PENALTY, LATENCY_SCALE_S
+from lbproxy.rl.network import QNetwork, masked_argmax
+from lbproxy.rl.replay import ReplaySamples
+
+if TYPE_CHECKING:
+    from lbproxy.config import Settings
+
+
+@dataclass(slots=True)
+class DqnConfig:
+    """Hyper-parameters; defaults equal the Settings defaults (lbproxy/config.py), where each is explained."""
+
+    gamma: float = 0.5
+    """Discount. Small because routing is nearly a contextual bandit: a choice mostly affects its own latency."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    batch_size: int = 128
+    """Minibatch size per update."""
+    buffer_size: int = 100_000
+    """Replay capacity (transitions)."""
+    learning_starts: int = 1000
+    """Transitions collected before the first update (CleanRL: learning_starts)."""
+    updates_per_decision: float = 0.25
+    """Gradient steps per routed decision (CleanRL's train_frequency=4 is 0.25)."""
+    target_update_every: int = 500
+    """Updates between hard target-network syncs."""
+    hidden: int = 128
+    """Hidden width of the Q-network."""
+    dueling: bool = False
+    """Dueling head (Wang et al. 2016)."""
+    grad_clip: float = 10.0
+    """Max global gradient norm (CleanRL/SB3 DQN use 10)."""
+    eps_start: float = 1.0
+    """Initial exploration rate."""
+    eps_end: float = 0.02
+    """Final exploration rate."""
+    eps_fraction: float = 0.3
+    """Share of the training decisions over which epsilon decays linearly (CleanRL: exploration_fraction)."""
+    seed: int = 0
+    """Seeds the network initialisation, replay sampling and exploration."""
+    latency_scale_s: float = LATENCY_SCALE_S
+    """Reward latency scale (observe.reward); used by the agent, not by the update."""
+    error_penalty: float = ERROR_PENALTY
+    """Reward penalty for an error or timeout (observe.reward)."""
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> DqnConfig:
+        """Same-named fields of Settings (one name everywhere: flag, env var, TOML key, config)."""
+        return cls(**{f.name: getattr(s, f.name) for f in fields(cls)})
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else as given."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Learner:
+    """Online/target networks and their optimizer. Not thread-safe: one caller at a time (the live
+    BackgroundLearner serialises `update` and `state_dict` with its own lock)."""
+
+    def __init__(self, obs_dim: int, n_actions: int, cfg: DqnConfig, device: str | torch.device = "cpu") -> None:
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        # Seeded init without disturbing the caller's global torch RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.online = QNetwork(obs_dim, n_actions, cfg.hidden, cfg.dueling).to(self.device)
+            self.target = QNetwork(obs_dim, n_actions, cfg.hidden, cfg.dueling).to(self.device)
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.lr)
+        self.updates = 0
+
+    @torch.no_grad()
+    def td_target(self, batch: ReplaySamples) -> torch.Tensor:
+        """r + gamma * Q_target(s', argmax_{valid a'} Q_online(s', a')), no bootstrap past a terminal
+        s' or an s' without any valid action (every backend down)."""
+        next_a = masked_argmax(self.online(batch.next_obs), batch.next_mask)
+        next_q = self.target(batch.next_obs).gather(1, next_a.unsqueeze(1)).squeeze(1)
+        bootstrap = (1.0 - batch.dones) * batch.next_mask.any(dim=1).float()
+        return batch.rewards + self.cfg.gamma * bootstrap * next_q
+
+    def update(self, batch: ReplaySamples) -> float:
+        """One gradient step on `batch`; returns the Huber TD loss (before the step)."""
+        td_target = self.td_target(batch)
+        q = self.online(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+        loss = F.smooth_l1_loss(q, td_target)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+
+        self.updates += 1
+        if self.updates % self.cfg.target_update_every == 0:
+            self.target.load_state_dict(self.online.state_dict())
+        return float(loss.item())
+
+    # --- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and primitives only (checkpoints load with weights_only=True). Keys: online,
+        target, optimizer, updates, arch. The tensors are the live ones (as nn.Module.state_dict):
+        deep-copy before handing them to another thread while updates continue."""
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+            "arch": self.online.arch(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        arch = state.get("arch")
+        if arch is not None and dict(arch) != self.online.arch():
+            raise ValueError(
+                f"learner state is for network {dict(arch)}, this learner has {self.online.arch()}; "
+                "use the same --hidden/--dueling and backend count"
+            )
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
