@@ -95,8 +95,8 @@ def cluster_from_dict(data: dict[str, Any], where: str = "cluster", base_port: i
     service = ServiceSpec(
         distribution=dist,
         cv=_num(svc, "cv", 1.0, f"{where} [service]"),
-        mean_s=tuple(
-            _num(svc, f"{c}_ms", d * 1000, f"{where} [service]") / 1000.0  # type: ignore[misc]
+        mean_s=tuple(  # type: ignore[arg-type]
+            _num(svc, f"{c}_ms", d * 1000, f"{where} [service]") / 1000.0
             for c, d in zip(CLASS_NAMES, ServiceSpec().mean_s, strict=True)
         ),
     )

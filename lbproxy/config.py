@@ -9,6 +9,7 @@ The model is flat on purpose: every field is a CLI flag (`--field-name`), an env
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -187,6 +188,11 @@ class Settings(BaseSettings):
         500.0, gt=0, description="Max DQN decision wait before falling back to peak_ewma (µs)."
     )
     max_batch: int = Field(256, ge=1, description="Max decisions per inference forward pass.")
+    learner_process: bool = Field(
+        False,
+        description="Run live learner updates in a separate process (shared-memory replay) instead of a "
+        "thread; see benchmarks/results/dqn_proxy.md for which keeps throughput higher.",
+    )
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -237,7 +243,7 @@ class Settings(BaseSettings):
 _TOML_PATH: dict[str, Path | None] = {"path": None}
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int)) or "settings"
     field = loc.split(".")[0]
     flag = "--" + field.replace("_", "-")

@@ -66,9 +66,22 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        if self.popen.stdout is not None and not self.popen.stdout.closed:
+            # Keep the output for `output()` and close the pipe: an unclosed pipe raises a
+            # ResourceWarning at garbage collection, an error under filterwarnings=error.
+            # Non-blocking: a surviving grandchild holding the pipe must not hang the test run.
+            os.set_blocking(self.popen.stdout.fileno(), False)
+            try:
+                data = self.popen.stdout.read() or b""
+            except BlockingIOError:
+                data = b""
+            self._output = data.decode(errors="replace")
+            self.popen.stdout.close()
         return self.popen.returncode
 
     def output(self) -> str:
+        if getattr(self, "_output", None) is not None:
+            return str(self._output)
         if self.popen.stdout is None or self.popen.poll() is None:
             return ""
         return self.popen.stdout.read().decode(errors="replace")

@@ -1,0 +1,478 @@
+"""The discrete-event cluster simulator: the cluster model of lbproxy/cluster.py, driven by a Policy.
+
+Model. Each server is a multi-server FIFO queue with `workers` servers: a request dispatched at t
+starts at max(t, earliest free worker) and finishes start + service, where service = the request's
+unit-mean draw x the server's mean for its class (lbproxy/cluster.py) x the server's current
+slowdown. Because the queue is FIFO and faults are scheduled in advance, a request's completion
+time is known at dispatch: the engine keeps one heap of worker free times per server and one heap
+of pending completions, and never simulates anything between events. Latency = finish - arrival.
+
+Faults (time-based, from the scenario's [[fault]] tables, applied before the first arrival at or
+after their time):
+- slowdown: service times of requests dispatched from then on are multiplied by the factor;
+- error_rate: a request dispatched from then on completes, after its full service time, as an error
+  when its (common) error draw is below the rate;
+- crash: requests queued or running at the crash fail at the crash time; requests sent while it is
+  down fail fast after CONNECT_FAIL_S (connection refused); detect_s later the view marks it
+  unavailable (what active health checks do live), so policies stop choosing it;
+- recover: back to the baseline (up with idle workers, slowdown 1, the server's own error_rate),
+  as a restarted backend process is; the view marks it available again at once.
+
+Outlier ejection, as the live proxy does it (Settings.eject_consecutive_failures / eject_base_s /
+max_ejection_percent; the scenario's [scenario] keys of the same names, same defaults): after that
+many consecutive errors from a server the view marks it unavailable for eject_base_s x the number
+of times it was ejected. Without it, a crashed server that fails fast looks like the fastest one to
+latency-driven policies until health checks notice, and attracts all traffic (a "black hole").
+
+Event order and the Policy contract (what the DQN's next state depends on). For each arrival at t,
+first every completion and fault with time <= t is processed in time order; a completion calls
+``view.on_complete(outcome, finish)`` FIRST and then ``policy.observe(outcome, view, finish)``, so
+the policy observes the state right after its request left (the transition's s'). Then
+``policy.choose(req_class, view, t)`` sees the view as it is at t, and ``view.on_dispatch(i)``
+records the dispatch. ``outcome.decision_id`` is the 0-based index of the choose call over the
+Simulator's lifetime and ``outcome.service_time_s`` the pure service time (time lost to a crash
+for killed requests, 0 for fail-fast ones).
+
+Episodes. ``run(policy, n)`` routes the next n arrivals, then reports every remaining completion of
+those requests (in time order, no new arrivals), so an episode's result covers all its requests.
+That report runs ahead of the clock: the queues are not emptied, the work stays on the servers'
+worker heaps and the next run's requests wait behind it at their true times. So that the view
+still tells the truth, every request reported early but physically still in service after the
+run's last arrival is put back into the view's in-flight counts ("ghost", bypassing on_dispatch so
+decision shares are untouched) and taken out again at its true finish time, in event order: at
+every arrival, `view.in_flight` is exactly the number of requests in each server. The alternative,
+advancing the clock until the cluster is empty, would make later arrival times depend on the
+policy and break common random numbers. Faults scheduled during the drain are applied when the
+next run reaches their time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lbproxy.observe import (
+    ERROR_PENALTY,
+    LATENCY_SCALE_S,
+    ClusterView,
+    Outcome,
+    WindowStats,
+    WindowSummary,
+    reward,
+)
+from lbproxy.policies.base import Policy
+from lbproxy.sim.arrivals import ArrivalStream
+from lbproxy.sim.scenario import Scenario
+
+CONNECT_FAIL_S = 0.001
+"""Latency of a request sent to a crashed server: a refused connect on a LAN is ~0.1-1 ms."""
+BLOCK = 8192
+"""Arrivals drawn per NumPy block: large enough to amortise the draw, small enough for the cache."""
+
+_INF = math.inf
+# control-event kinds
+_FAULT, _DETECT, _GHOST, _EJECT, _UNEJECT = 0, 1, 2, 3, 4
+
+
+@dataclass(slots=True)
+class EpisodeResult:
+    """Statistics of one `Simulator.run` call."""
+
+    summary: WindowSummary
+    """Reward, Gini (capacity = true rates under the phase mix), accuracy vs the SED oracle with true
+    rates (NaN when run with record=False), latency percentiles, error rate."""
+    sim_time_s: float
+    """Simulated time from the previous run's last arrival to this run's last arrival."""
+    wall_s: float
+    decisions: int
+    load: tuple[int, ...] = ()
+    """Requests routed to each backend in this run."""
+
+
+def _start_fraction(seed: int) -> float:
+    """Where in the fault schedule a Simulator starts by default: uniform in [0, 1), from the seed.
+
+    A stream of its own (spawn key 5, after the five of arrivals.py) so the traffic draws are the
+    same whatever the start.
+    """
+    ss = np.random.SeedSequence(seed, spawn_key=(5,))
+    return float(np.random.Generator(np.random.PCG64(ss)).random())
+
+
+class Simulator:
+    """One simulated cluster with its own clock and random streams; see the module docstring.
+
+    `start_s` is the simulated time the clock starts at; faults and surges scheduled before it are
+    applied at construction (a crash longer ago than detect_s is already marked unavailable). The
+    default, None, draws it from the seed, uniformly over the scenario's schedule period
+    (`Scenario.schedule_period_s`; 0 for a scenario without faults or surges). Training and
+    evaluation run many short episodes, each in a fresh Simulator: with a start at 0 every episode
+    would end long before the first fault (an episode spans well under a second of simulated time),
+    and the fault scenarios would be indistinguishable from healthy ones. Same seed, same start: the
+    comparison across policies stays exact. Pass start_s=0.0 to watch a schedule unfold from the
+    beginning.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        seed: int,
+        phase: int = 0,
+        *,
+        start_s: float | None = None,
+        latency_scale_s: float = LATENCY_SCALE_S,
+        error_penalty: float = ERROR_PENALTY,
+    ) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        self.latency_scale_s = latency_scale_s
+        self.error_penalty = error_penalty
+        cluster = scenario.cluster
+        servers = cluster.servers
+        n = len(servers)
+        self.n = n
+        self.view = ClusterView.create(n, [s.workers * s.speed for s in servers])
+        # Base mean service time per [class][server] at slowdown 1; `_mean` is the current one.
+        self._base_mean = [[s.mean_service_s(cluster.service, c) for s in servers] for c in range(3)]
+        self._mean = [row[:] for row in self._base_mean]
+        self._slowdown = [1.0] * n
+        self._err_rate = [s.error_rate for s in servers]
+        self._down = [False] * n
+        self._crash_epoch = [0] * n
+        self._detected = [False] * n  # health checks see it down
+        self._ejected = [False] * n  # outlier detection took it out
+        self._times_ejected = [0] * n
+        self._consecutive_errors = [0] * n
+        # 0 disables outlier ejection: no count ever reaches an infinite threshold.
+        self._eject_after = scenario.eject_consecutive_failures or _INF
+        self._workers = [[0.0] * s.workers for s in servers]
+        self._pending: list[tuple[float, int, int, int, float, bool, float]] = []
+        self._next_decision_id = 0
+        self._rates: list[list[float]] = [[0.0] * n for _ in range(3)]
+        self._refresh_rates()
+        # Faults: a heap of (time, seq, kind, fault index or server, epoch); repeats re-push themselves.
+        self._control: list[tuple[float, int, int, int, int]] = []
+        self._seq = 0
+        for k, f in enumerate(scenario.faults):
+            self._push_control(f.at_s, _FAULT, k, 0)
+        self._crash_at = [self._next_crash(i, -1.0) for i in range(n)]
+        self._arrivals = ArrivalStream(
+            seed, cluster.service, scenario.surges, scenario.repeat_s, scenario.burst_cycle_s
+        )
+        if start_s is None:
+            start_s = scenario.schedule_period_s * _start_fraction(seed)
+        if not (start_s >= 0.0 and math.isfinite(start_s)):
+            raise ValueError(f"start_s must be a finite number >= 0, got {start_s}")
+        self.start_s = start_s
+        """Simulated time the clock started at (faults and surges before it already applied)."""
+        self._arrivals.t_s = start_s
+        while self._control and self._control[0][0] <= start_s:
+            self._apply_control()
+        self.phase = -1
+        self.set_phase(phase)
+
+    # --- truth (for the oracle and accuracy) ---------------------------------------------------------
+    @property
+    def true_rates(self) -> list[list[float]]:
+        """[class][server] requests/s the server completes when busy (workers / current mean service
+        time), 0 while it is down. Live lists, updated in place when faults apply."""
+        return self._rates
+
+    def _refresh_rates(self) -> None:
+        for c in range(3):
+            row = self._rates[c]
+            for i, s in enumerate(self.scenario.cluster.servers):
+                row[i] = 0.0 if self._down[i] else s.workers / self._mean[c][i]
+
+    def capacity_rps(self) -> list[float]:
+        """Per-server capacity under the current phase mix, slowdowns included, 0 while down."""
+        mix = self.scenario.phases[self.phase].mix
+        total = sum(mix)
+        out = []
+        for i in range(self.n):
+            if self._down[i]:
+                out.append(0.0)
+                continue
+            mean = sum(m * self._mean[c][i] for c, m in enumerate(mix)) / total
+            out.append(self.scenario.cluster.servers[i].workers / mean)
+        return out
+
+    @property
+    def now_s(self) -> float:
+        """Time of the last arrival routed."""
+        return self._arrivals.t_s
+
+    @property
+    def decisions(self) -> int:
+        """Decisions made over the Simulator's lifetime (the next decision id)."""
+        return self._next_decision_id
+
+    # --- phases ---------------------------------------------------------------------------------------
+    def set_phase(self, phase: int) -> None:
+        """Arrival rate = phase.load x cluster capacity under phase.mix; mix and burstiness from now on."""
+        phases = self.scenario.phases
+        if not 0 <= phase < len(phases):
+            raise ValueError(f"phase must be in 0..{len(phases) - 1} for scenario {self.scenario.name!r}, got {phase}")
+        ph = phases[phase]
+        self.phase = phase
+        rate = ph.load * self.scenario.cluster.capacity_rps(ph.mix)
+        self._arrivals.set_traffic(rate, ph.mix, ph.burstiness)
+
+    # --- faults ---------------------------------------------------------------------------------------
+    def _push_control(self, t: float, kind: int, ref: int, epoch: int) -> None:
+        heapq.heappush(self._control, (t, self._seq, kind, ref, epoch))
+        self._seq += 1
+
+    def _next_crash(self, server: int, after_s: float) -> float:
+        """First scheduled crash of `server` strictly after `after_s` (inf if none)."""
+        best = _INF
+        period = self.scenario.repeat_s
+        for f in self.scenario.faults:
+            if f.crash and f.server == server:
+                t = f.at_s
+                if period > 0 and t <= after_s:
+                    t += math.floor((after_s - t) / period + 1.0) * period
+                if t > after_s and t < best:
+                    best = t
+        return best
+
+    def _apply_control(self) -> None:
+        t, _, kind, ref, epoch = heapq.heappop(self._control)
+        if kind == _GHOST:  # a request reported early by a drain leaves its server now
+            self.view.in_flight[ref] -= 1
+            self.view.total_in_flight -= 1
+            return
+        if kind == _DETECT:
+            if self._down[ref] and self._crash_epoch[ref] == epoch:
+                self._detected[ref] = True
+                self._update_available(ref)
+            return
+        if kind == _EJECT:
+            self._eject(ref, t)
+            return
+        if kind == _UNEJECT:
+            self._ejected[ref] = False
+            self._update_available(ref)
+            return
+        f = self.scenario.faults[ref]
+        if self.scenario.repeat_s > 0:
+            self._push_control(t + self.scenario.repeat_s, _FAULT, ref, 0)
+        i = f.server
+        if f.crash:
+            self._crash_at[i] = self._next_crash(i, t)
+            if not self._down[i]:
+                self._down[i] = True
+                self._crash_epoch[i] += 1
+                self._push_control(t + self.scenario.detect_s, _DETECT, i, self._crash_epoch[i])
+        elif f.recover:  # back to the baseline, as a restarted backend process is (backends/faults.py)
+            if self._down[i]:
+                self._down[i] = False
+                self._workers[i][:] = [t] * len(self._workers[i])
+            self._detected[i] = False
+            self._update_available(i)
+            self._slowdown[i] = 1.0
+            for c in range(3):
+                self._mean[c][i] = self._base_mean[c][i]
+            self._err_rate[i] = self.scenario.cluster.servers[i].error_rate
+        if f.slowdown is not None:
+            self._slowdown[i] = f.slowdown
+            for c in range(3):
+                self._mean[c][i] = self._base_mean[c][i] * f.slowdown
+        if f.error_rate is not None:
+            self._err_rate[i] = f.error_rate
+        self._refresh_rates()
+
+    def _update_available(self, i: int) -> None:
+        self.view.set_available(i, not (self._detected[i] or self._ejected[i]))
+
+    def _eject(self, i: int, t: float) -> None:
+        """Outlier ejection as the live proxy does it (Envoy's consecutive-5xx detector): out for
+        eject_base_s x the number of times ejected, unless max_ejection_percent are out already."""
+        sc = self.scenario
+        if self._ejected[i] or (sum(self._ejected) + 1) * 100.0 > sc.max_ejection_percent * self.n:
+            return
+        self._ejected[i] = True
+        self._times_ejected[i] += 1
+        self._consecutive_errors[i] = 0
+        self._push_control(t + sc.eject_base_s * self._times_ejected[i], _UNEJECT, i, 0)
+        self._update_available(i)
+
+    # --- the event loop -------------------------------------------------------------------------------
+    def run(self, policy: Policy, n_decisions: int, *, record: bool = True) -> EpisodeResult:
+        """Route the next `n_decisions` arrivals with `policy`, then report all their completions.
+
+        `record=False` skips the per-decision accuracy check (the only bookkeeping that costs a loop
+        over the backends); the summary's accuracy is then NaN. An exception from the policy (e.g.
+        NoBackendAvailable when a scenario takes every server down) propagates and leaves this
+        Simulator mid-episode: discard it.
+        """
+        if n_decisions < 1:
+            raise ValueError(f"n_decisions must be >= 1, got {n_decisions}")
+        wall0 = time.perf_counter()
+        t_begin = self._arrivals.t_s
+        view = self.view
+        choose, observe = policy.choose, policy.observe
+        on_dispatch, on_complete = view.on_dispatch, view.on_complete
+        heappush, heappop, heapreplace = heapq.heappush, heapq.heappop, heapq.heapreplace
+        pending = self._pending
+        control = self._control
+        workers = self._workers
+        mean = self._mean
+        err_rate = self._err_rate
+        down = self._down
+        crash_at = self._crash_at
+        rates = self._rates
+        in_flight = view.in_flight
+        consecutive = self._consecutive_errors
+        eject_after = self._eject_after
+        next_ctrl = control[0][0] if control else _INF
+        latencies: list[float] = []
+        lat_append = latencies.append
+        load = [0] * self.n
+        errors = 0
+        accurate = 0
+        did = self._next_decision_id
+        remaining = n_decisions
+        while remaining:
+            chunk = BLOCK if remaining > BLOCK else remaining
+            remaining -= chunk
+            times, classes, units, err_draws = self._arrivals.draw(chunk)
+            for k in range(chunk):
+                t = times[k]
+                if next_ctrl <= t:
+                    # Rare path: interleave faults with completions in time order.
+                    while True:
+                        nc = pending[0][0] if pending else _INF
+                        if next_ctrl <= t and next_ctrl < nc:
+                            self._apply_control()
+                            next_ctrl = control[0][0] if control else _INF
+                        elif nc <= t:
+                            fin, d, b, c, lat, er, st = heappop(pending)
+                            out = Outcome(b, c, lat, er, d, st)
+                            on_complete(out, fin)
+                            observe(out, view, fin)
+                            lat_append(lat)
+                            if er:
+                                errors += 1
+                                consecutive[b] += 1
+                                if consecutive[b] >= eject_after:
+                                    self._eject(b, fin)
+                            elif consecutive[b]:
+                                consecutive[b] = 0
+                        else:
+                            break
+                    next_ctrl = control[0][0] if control else _INF
+                else:
+                    while pending and pending[0][0] <= t:
+                        fin, d, b, c, lat, er, st = heappop(pending)
+                        out = Outcome(b, c, lat, er, d, st)
+                        on_complete(out, fin)
+                        observe(out, view, fin)
+                        lat_append(lat)
+                        if er:
+                            errors += 1
+                            consecutive[b] += 1
+                            if consecutive[b] >= eject_after:
+                                self._eject(b, fin)
+                                next_ctrl = control[0][0]
+                        elif consecutive[b]:
+                            consecutive[b] = 0
+                c = classes[k]
+                i = choose(c, view, t)
+                if record:
+                    # Accuracy vs SED with true rates: argmin (in_flight + 1) / rate (observe.is_accurate,
+                    # inlined: a list allocation per decision would cost more than the rest of the step).
+                    rate_c = rates[c]
+                    best = _INF
+                    for j in view.candidates:
+                        r = rate_c[j]
+                        if r > 0.0:
+                            x = (in_flight[j] + 1) / r
+                            if x < best:
+                                best = x
+                    r = rate_c[i]
+                    if best == _INF or (r > 0.0 and (in_flight[i] + 1) / r <= best * (1 + 1e-9)):
+                        accurate += 1
+                on_dispatch(i)
+                load[i] += 1
+                if down[i]:
+                    fin = t + CONNECT_FAIL_S
+                    heappush(pending, (fin, did, i, c, CONNECT_FAIL_S, True, 0.0))
+                else:
+                    st = units[k] * mean[c][i]
+                    h = workers[i]
+                    start = h[0]
+                    if start < t:
+                        start = t
+                    fin = start + st
+                    ca = crash_at[i]
+                    if fin > ca:  # still queued or running when the server crashes
+                        heapreplace(h, ca)
+                        heappush(pending, (ca, did, i, c, ca - t, True, ca - start if ca > start else 0.0))
+                    else:
+                        heapreplace(h, fin)
+                        heappush(pending, (fin, did, i, c, fin - t, err_draws[k] < err_rate[i], st))
+                did += 1
+        # Drain: report every completion of this run in time order (faults wait for the next arrival),
+        # then put the requests still physically in service back into the view until they finish.
+        t_last = self._arrivals.t_s
+        ghosts = []
+        while pending:
+            fin, d, b, c, lat, er, st = heappop(pending)
+            out = Outcome(b, c, lat, er, d, st)
+            on_complete(out, fin)
+            observe(out, view, fin)
+            lat_append(lat)
+            if er:
+                errors += 1
+                consecutive[b] += 1
+                if consecutive[b] >= eject_after:  # decided now, applied when the clock gets there
+                    consecutive[b] = 0
+                    self._push_control(fin, _EJECT, b, 0)
+            elif consecutive[b]:
+                consecutive[b] = 0
+            if fin > t_last:
+                ghosts.append((fin, b))
+        for fin, b in ghosts:
+            in_flight[b] += 1
+            self._push_control(fin, _GHOST, b, 0)
+        view.total_in_flight += len(ghosts)
+        self._next_decision_id = did
+        return self._result(n_decisions, load, latencies, errors, accurate, record, t_begin, wall0)
+
+    def _result(
+        self,
+        n_decisions: int,
+        load: list[int],
+        latencies: list[float],
+        errors: int,
+        accurate: int,
+        record: bool,
+        t_begin: float,
+        wall0: float,
+    ) -> EpisodeResult:
+        stats = WindowStats(n=self.n, latency_scale_s=self.latency_scale_s, error_penalty=self.error_penalty)
+        stats.decisions = n_decisions
+        stats.accurate = accurate
+        stats.load = load
+        stats.latencies = latencies
+        stats.errors = errors
+        # observe.reward is linear in latency, so the sum over requests is computed in one call per
+        # term instead of once per request: sum(-l/scale) - penalty * errors.
+        stats.reward_sum = reward(math.fsum(latencies), False, self.latency_scale_s, self.error_penalty) + errors * (
+            reward(0.0, True, self.latency_scale_s, self.error_penalty)
+        )
+        summary = stats.summary(capacity=self.capacity_rps(), candidates=self.view.candidates)
+        if not record:
+            summary.accuracy = math.nan
+        return EpisodeResult(
+            summary=summary,
+            sim_time_s=self._arrivals.t_s - t_begin,
+            wall_s=time.perf_counter() - wall0,
+            decisions=n_decisions,
+            load=tuple(load),
+        )
