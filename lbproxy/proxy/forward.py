@@ -1,0 +1,360 @@
+"""The forwarding handler: one request in, one policy decision, one upstream exchange, streamed back.
+
+Runs on aiohttp's low-level `web.Server` (no router, no middlewares): every microsecond here is
+paid on every request, so per-backend metric children are resolved once, URL objects are cached,
+and small bodies with a known length are relayed in one write instead of a read/write loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from lbproxy.observe import ClusterView, Outcome, classify_path
+from lbproxy.policies.base import AsyncPolicy, NoBackendAvailable
+from lbproxy.proxy.batched_metrics import BatchedCounter, BatchedHistogram
+from lbproxy.proxy.headers import forwarded_items, request_head, response_headers
+from lbproxy.proxy.quality import QualityWindow
+from lbproxy.proxy.upstream_client import UpstreamClient
+from lbproxy.telemetry import Metrics
+from lbproxy.upstream import Pool
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""RFC 9110 §9.2.2; only these are retried, and only when no request body was sent."""
+
+SMALL_BODY_BYTES = 64 * 1024
+"""Responses with a Content-Length up to this are read whole and sent in one write: one syscall
+instead of a read/write loop (ANCHORS.md: buffering is 5–15 % cheaper). Memory stays bounded."""
+
+URL_CACHE_MAX = 4096
+"""Upstream URL objects cached per (backend, target); yarl parsing costs several µs per request."""
+
+SERVICE_TIME_HEADER = "X-Service-Time"
+"""Backend-reported service time in seconds (emulated backends send it); feeds `Outcome.service_time_s`."""
+
+_BODYLESS_STATUS = frozenset({204, 304})
+
+# Exception kinds: (label for lbproxy_upstream_errors, status sent when nothing was relayed yet, retryable)
+_CONNECT = ("connect", 502, True)
+_CONNECT_TIMEOUT = ("connect_timeout", 504, True)
+_DISCONNECT = ("disconnect", 502, True)
+_TIMEOUT = ("timeout", 504, False)
+_BAD_RESPONSE = ("bad_response", 502, False)
+
+
+def _classify(exc: BaseException) -> tuple[str, int, bool]:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return _CONNECT_TIMEOUT
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _CONNECT
+    if isinstance(exc, TimeoutError):  # total timeout, or sock_read (ServerTimeoutError is one too)
+        return _TIMEOUT
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return _DISCONNECT  # typically a keep-alive connection the backend closed while idle
+    return _BAD_RESPONSE
+
+
+_STATUS_TEXT = {
+    400: "bad request: the target must be a path, or an absolute URL naming this proxy (not an open proxy)\n",
+    405: "CONNECT is not supported: lbproxy is a reverse proxy\n",
+    502: "bad gateway: the backend could not be reached or sent an invalid response\n",
+    503: "service unavailable: no backend is available\n",
+    504: "gateway timeout: the backend did not answer in time\n",
+}
+
+
+def _text(status: int, text: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=text or _STATUS_TEXT[status], headers=headers)
+
+
+class Forwarder:
+    """The data-plane request handler; `handle` is passed to `aiohttp.web.Server`."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        policy: Any,
+        metrics: Metrics,
+        quality: QualityWindow,
+        session: aiohttp.ClientSession,
+        *,
+        retry: bool,
+        listen_host: str,
+        listen_port: Callable[[], int],
+        fast: UpstreamClient | None = None,
+    ) -> None:
+        self.pool = pool
+        self.view: ClusterView = pool.view
+        self.policy = policy
+        self.is_async = isinstance(policy, AsyncPolicy)
+        self.metrics = metrics
+        self.quality = quality
+        self.session = session
+        self.fast = fast
+        self.retry = retry
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.loop = asyncio.get_running_loop()
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._urls: dict[tuple[int, str], URL] = {}
+        self._decision_hist = BatchedHistogram(
+            metrics.decision_duration.labels(getattr(policy, "name", type(policy).__name__))
+        )
+        self._requests: dict[tuple[int, int], BatchedCounter] = {}
+        self._durations: dict[int, BatchedHistogram] = {}
+        self._errors: dict[tuple[int, str], Any] = {}
+        self._self_names: set[str] | None = None
+
+    # --- metric children, resolved once per key --------------------------------------------------
+    def _label(self, idx: int) -> str:
+        return self.pool.backends[idx].name if idx >= 0 else "none"
+
+    def _count(self, idx: int, code: int) -> None:
+        key = (idx, code)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = BatchedCounter(self.metrics.requests.labels(self._label(idx), str(code)))
+        child.inc()
+
+    def _error(self, idx: int, kind: str) -> None:
+        key = (idx, kind)
+        child = self._errors.get(key)
+        if child is None:
+            child = self._errors[key] = self.metrics.upstream_errors.labels(self._label(idx), kind)
+        child.inc()
+
+    def flush_metrics(self) -> None:
+        """Push the locally counted per-request metrics to Prometheus (called once per tick)."""
+        self._decision_hist.flush()
+        for c in self._requests.values():
+            c.flush()
+        for h in self._durations.values():
+            h.flush()
+
+    # --- request target ---------------------------------------------------------------------------
+    def _is_self(self, host: str | None, port: int | None, request: web.BaseRequest) -> bool:
+        if port is None:
+            port = 80
+        if host is None or port != self.listen_port():
+            return False
+        if self._self_names is None:
+            names = {"localhost", "127.0.0.1", "::1", self.listen_host, socket.gethostname(), socket.getfqdn()}
+            self._self_names = {n.lower() for n in names if n}
+        sock = request.transport.get_extra_info("sockname") if request.transport else None
+        return host.lower() in self._self_names or (sock is not None and host == sock[0])
+
+    def _url(self, idx: int, target: str) -> URL:
+        key = (idx, target)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= URL_CACHE_MAX:
+                self._urls.clear()
+            url = self._urls[key] = URL(self.pool.backends[idx].url + target, encoded=True)
+        return url
+
+    # --- decisions ----------------------------------------------------------------------------------
+    async def _decide(self, cls: int, now: float) -> tuple[int, int]:
+        t0 = time.perf_counter()
+        if self.is_async:
+            idx, did = await self.policy.decide(cls, self.view, now)
+        else:
+            idx, did = self.policy.choose(cls, self.view, now), -1
+        self._decision_hist.observe(time.perf_counter() - t0)
+        return idx, did
+
+    def _choose_other(self, failed: int, cls: int, now: float) -> int | None:
+        """Retry target: the policy's choice with the failed backend masked out (Envoy's
+        previous_hosts retry predicate); async policies get the least-loaded other candidate."""
+        view = self.view
+        saved = view.candidates
+        others = [i for i in saved if i != failed]
+        if not others:
+            return None
+        if not self.is_async:
+            view.candidates = others
+            try:
+                idx = int(self.policy.choose(cls, view, now))
+            except NoBackendAvailable:
+                return None
+            finally:
+                view.candidates = saved
+            return idx if idx in others else others[0]
+        return min(others, key=lambda i: view.in_flight[i] / max(view.capacity[i], 1e-9))
+
+    def _complete(
+        self, idx: int, did: int, cls: int, t_start: float, code: int, failed: bool, service_time_s: float | None
+    ) -> None:
+        now = self.loop.time()
+        out = Outcome(idx, cls, now - t_start, failed, did, service_time_s)
+        self.pool.on_complete(out, now, failed)
+        self.quality.record_outcome(out)
+        self.policy.observe(out, self.view, now)
+        dur = self._durations.get(idx)
+        if dur is None:
+            dur = self._durations[idx] = BatchedHistogram(self.metrics.request_duration.labels(self._label(idx)))
+        dur.observe(out.latency_s)
+        self._count(idx, code)
+
+    # --- the handler --------------------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.active += 1
+        self.idle.clear()
+        try:
+            return await self._handle(request)
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self.idle.set()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        method = request.method
+        if method == hdrs.METH_CONNECT:
+            self._count(-1, 405)
+            return _text(405, headers={"Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"})
+        target = request.raw_path
+        host_override: str | None = None
+        if not target.startswith("/"):
+            parts = urlsplit(target)
+            if parts.scheme not in ("http", "https") or not self._is_self(parts.hostname, parts.port, request):
+                self._count(-1, 400)
+                return _text(400)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            host_override = parts.netloc  # RFC 9112 §3.2.2: the target's authority replaces Host
+        view = self.view
+        if not view.candidates:
+            self._count(-1, 503)
+            return _text(503)
+        cls = int(classify_path(target))
+        items = forwarded_items(request.headers, request.remote, "http", host_override)
+        has_body = request.body_exists
+        data = request.content if has_body else None
+        headers: CIMultiDict[str] | None = None
+        if has_body or self.fast is None:
+            if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+                # Answer the client's Expect ourselves (the low-level server does not); the body streams.
+                items = [(k, v) for k, v in items if k.lower() != "expect"]
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            headers = CIMultiDict(items)
+        retry_ok = self.retry and not has_body and method in IDEMPOTENT_METHODS
+
+        start = self.loop.time()
+        try:
+            idx, did = await self._decide(cls, start)
+        except NoBackendAvailable:
+            self._count(-1, 503)
+            return _text(503)
+        attempt = 0
+        fresh = False
+        while True:
+            self.quality.record_decision(idx)
+            self.pool.on_dispatch(idx)
+            t_start = self.loop.time()
+            try:
+                resp: Any
+                if headers is None:
+                    assert self.fast is not None
+                    head = request_head(method, target, items, self.fast.default_host(idx))
+                    resp = await self.fast.request(idx, method == hdrs.METH_HEAD, head, fresh)
+                else:
+                    resp = await self.session.request(
+                        method, self._url(idx, target), headers=headers, data=data, allow_redirects=False
+                    )
+            except Exception as exc:  # every failure must complete the dispatch (in-flight accounting)
+                kind, status, retryable = _classify(exc)
+                self._error(idx, kind)
+                self._complete(idx, did, cls, t_start, status, True, None)
+                if retry_ok and retryable and attempt == 0:
+                    other = self._choose_other(idx, cls, self.loop.time())
+                    if other is None and kind == "disconnect":
+                        # A keep-alive connection the backend closed as we reused it: with no other
+                        # backend, the same one on a fresh connection is the safe retry.
+                        other, fresh = idx, True
+                    if other is not None:
+                        self.metrics.retries.inc()
+                        idx, did, attempt = other, -1, 1
+                        continue
+                return _text(status)
+            break
+        return await self._relay(request, resp, method, idx, did, cls, t_start)
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        resp: Any,
+        method: str,
+        idx: int,
+        did: int,
+        cls: int,
+        t_start: float,
+    ) -> web.StreamResponse:
+        status = resp.status
+        st_raw = resp.headers.get(SERVICE_TIME_HEADER)
+        service_time_s: float | None = None
+        if st_raw is not None:
+            try:
+                service_time_s = float(st_raw)
+            except ValueError:
+                service_time_s = None
+        out_headers = response_headers(resp.headers)
+        out: web.StreamResponse | None = None
+        upstream_failed = status >= 500
+        reading = True  # which side failed if an exception escapes: upstream read or downstream write
+        try:
+            if method == hdrs.METH_HEAD or status in _BODYLESS_STATUS:
+                out = web.StreamResponse(status=status, reason=resp.reason, headers=out_headers)
+                reading = False
+                await out.prepare(request)
+                await out.write_eof()
+            else:
+                length = resp.content_length
+                if length is not None and length <= SMALL_BODY_BYTES:
+                    content = resp.content
+                    # Usually the whole body arrived with the head: take it without another await.
+                    body = content.read_nowait() if content.is_eof() else await resp.read()
+                    out = web.StreamResponse(status=status, reason=resp.reason, headers=out_headers)
+                    reading = False
+                    await out.prepare(request)
+                    await out.write_eof(body)  # head and body leave in one write
+                else:
+                    out = web.StreamResponse(status=status, reason=resp.reason, headers=out_headers)
+                    reading = False
+                    await out.prepare(request)
+                    content = resp.content
+                    while True:
+                        reading = True
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        reading = False
+                        await out.write(chunk)
+                    await out.write_eof()
+        except Exception as exc:
+            resp.close()  # never reuse a connection with a half-read body
+            if reading:
+                kind, code, _ = _classify(exc)
+                self._error(idx, kind)
+                self._complete(idx, did, cls, t_start, code, True, service_time_s)
+                if out is None or not out.prepared:
+                    return _text(code)
+                # Mid-body: the status line is gone; closing the connection is the only honest signal.
+            else:
+                # The client went away: not the backend's fault (nginx logs these as 499).
+                self._error(idx, "client_abort")
+                self._complete(idx, did, cls, t_start, 499, upstream_failed, service_time_s)
+            if request.transport is not None:
+                request.transport.close()
+            return out if out is not None else web.Response(status=499)
+        resp.release()
+        self._complete(idx, did, cls, t_start, status, upstream_failed, service_time_s)
+        return out
