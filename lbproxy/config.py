@@ -167,6 +167,12 @@ class Settings(BaseSettings):
     online: bool = Field(False, description="In serve mode, keep learning from live traffic.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference and learning run.")
     checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every N episodes.")
+    keep_checkpoints: int = Field(
+        3,
+        ge=0,
+        description="Keep only the newest N training checkpoints (0 = all); each holds the replay buffer "
+        "(~70 MB at the default buffer size).",
+    )
     metrics_every: int = Field(10, ge=1, description="Write a metrics CSV row every N episodes.")
     gamma: float = Field(0.5, ge=0, le=1, description="Discount; small because routing is nearly a bandit.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")

@@ -1,0 +1,402 @@
+"""The live `dqn` policy: batched inference with a decision deadline, the reward join, online learning.
+
+`create_dqn_runtime(settings, view, metrics)` builds everything the proxy needs (serve.py calls it;
+live_train.py builds one in train mode): the policy (an `AsyncPolicy`), the inference engine, and in
+train/online mode the replay buffer, learner and background learner thread. Its `lifespan(app)`
+goes into aiohttp's `cleanup_ctx` so the learner starts and stops with the app.
+
+Routing never waits on the learner: a decision either comes from the current inference weights
+within `decision_deadline_us`, or the request is routed by `peak_ewma` and the fallback counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import random
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lbproxy.config import ConfigError, Settings
+from lbproxy.observe import (
+    MAX_BACKENDS,
+    ClusterView,
+    Outcome,
+    WindowStats,
+    action_mask,
+    encode_state,
+    feature_dim,
+    is_accurate,
+    reward,
+)
+from lbproxy.policies.base import NoBackendAvailable, Policy
+from lbproxy.rl.batcher import DEADLINE_MISSED, InferenceEngine
+from lbproxy.rl.online import BackgroundLearner, DecisionRecord, DecisionTable, ProcessLearner
+from lbproxy.rl.schedule import EpsilonSchedule
+from lbproxy.telemetry import Metrics
+
+GAUGE_INTERVAL_S = 1.0
+"""Learning gauges (ε, loss, updates, replay size) are refreshed this often, not per request."""
+
+FALLBACK_POLICY = "peak_ewma"
+"""DESIGN.md §3: a missed deadline or a missing model routes by peak-EWMA P2C (Linkerd's default)."""
+
+
+class EpisodeTracker:
+    """Per-episode quality window for live training: the same WindowStats the simulator uses.
+
+    Outcomes are counted in the window open when they complete (live requests straddle episodes).
+    """
+
+    def __init__(self, n: int, episode_decisions: int, latency_scale_s: float, error_penalty: float) -> None:
+        self.episode_decisions = episode_decisions
+        self.latency_scale_s = latency_scale_s
+        self.error_penalty = error_penalty
+        self.n = n
+        self.window = WindowStats(n, latency_scale_s, error_penalty)
+        self.completed: list[WindowStats] = []
+        self.on_episode: Callable[[], None] | None = None
+
+    def record_decision(self, action: int, view: ClusterView) -> None:
+        rates = [view.estimated_rate(i) for i in range(view.n)]
+        self.window.record_decision(action, is_accurate(action, view.in_flight, rates, view.candidates))
+        if self.window.decisions >= self.episode_decisions:
+            self.completed.append(self.window)
+            self.window = WindowStats(max(self.n, view.n), self.latency_scale_s, self.error_penalty)
+            if self.on_episode is not None:
+                self.on_episode()
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        self.window.record_outcome(outcome)
+
+
+class DqnPolicy:
+    """`AsyncPolicy` over an :class:`InferenceEngine`, with ε-greedy exploration in train mode."""
+
+    name = "dqn"
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        *,
+        metrics: Metrics | None = None,
+        fallback: Policy | None = None,
+        max_backends: int = MAX_BACKENDS,
+        learner: BackgroundLearner | ProcessLearner | None = None,
+        table: DecisionTable | None = None,
+        epsilon: Callable[[int], float] | None = None,
+        latency_scale_s: float = 0.1,
+        error_penalty: float = 5.0,
+        seed: int = 0,
+        tracker: EpisodeTracker | None = None,
+    ) -> None:
+        from lbproxy.policies import make_policy
+
+        self.engine = engine
+        self.metrics = metrics
+        self.fallback = fallback if fallback is not None else make_policy(FALLBACK_POLICY, seed)
+        self.max_backends = max_backends
+        self.learner = learner
+        self.table = table if table is not None or learner is None else DecisionTable()
+        self.epsilon_fn = epsilon
+        self.epsilon = epsilon(0) if epsilon is not None else 0.0
+        self.latency_scale_s = latency_scale_s
+        self.error_penalty = error_penalty
+        self.rng = random.Random(seed)
+        self.tracker = tracker
+        self.decisions = 0
+        self.explored = 0
+        self.fallback_counts = {"deadline": 0, "no_model": 0, "unavailable": 0}
+        self._next_id = 0
+        self._mask = np.zeros(max_backends, dtype=bool)
+        self._mask_src: list[int] | None = None
+        self._mask_len = -1
+        self._fb_children: dict[str, Any] = {}
+        if metrics is not None:
+            for reason in self.fallback_counts:
+                self._fb_children[reason] = metrics.fallbacks.labels(reason=reason)
+
+    def _mask_for(self, view: ClusterView) -> np.ndarray:
+        """The action mask, rebuilt only when the pool replaced its candidates list (health events).
+        Never mutated once built: queued decisions and table records keep references to it."""
+        cands = view.candidates
+        if cands is not self._mask_src or self._mask_len != len(cands):
+            self._mask = action_mask(view, self.max_backends)
+            self._mask_src = cands
+            self._mask_len = len(cands)
+        return self._mask
+
+    def _fall_back(self, reason: str, req_class: int, view: ClusterView, now_s: float) -> int:
+        self.fallback_counts[reason] += 1
+        child = self._fb_children.get(reason)
+        if child is not None:
+            child.inc()
+        return self.fallback.choose(req_class, view, now_s)
+
+    async def decide(self, req_class: int, view: ClusterView, now_s: float) -> tuple[int, int]:
+        if not view.candidates:
+            raise NoBackendAvailable("no backend available")
+        mb = self.max_backends
+        state = encode_state(view, req_class, mb)
+        mask = self._mask_for(view)
+        eps = self.epsilon
+        if eps > 0.0 and self.rng.random() < eps:
+            action = self.rng.choice(view.candidates)
+            self.explored += 1
+        elif not self.engine.has_model:
+            action = self._fall_back("no_model", req_class, view, now_s)
+        else:
+            action = await self.engine.submit(state, mask)
+            if action == DEADLINE_MISSED:
+                action = self._fall_back("deadline", req_class, view, now_s)
+            elif action not in view.candidates:
+                # The backend went away while the pass ran (ejected/removed): never route to it.
+                action = self._fall_back("unavailable", req_class, view, now_s)
+        self.decisions += 1
+        if self.epsilon_fn is not None:
+            self.epsilon = self.epsilon_fn(self.decisions)
+        if self.tracker is not None:
+            self.tracker.record_decision(action, view)
+        table = self.table
+        if table is None:
+            return action, -1
+        decision_id = self._next_id
+        self._next_id += 1
+        table.put(decision_id, DecisionRecord(state, action, mask, req_class, now_s))
+        return action, decision_id
+
+    def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
+        """Join the outcome with its decision. The pool has already applied the completion to
+        `view`, so the encoded state is s' (the state the next decision would see)."""
+        if self.tracker is not None:
+            self.tracker.record_outcome(outcome)
+        table = self.table
+        if table is None or self.learner is None:
+            return
+        rec = table.pop(outcome.decision_id)
+        if rec is None:
+            return
+        r = reward(outcome.latency_s, outcome.error, self.latency_scale_s, self.error_penalty)
+        next_state = encode_state(view, rec.req_class, self.max_backends)
+        next_mask = self._mask_for(view)
+        self.learner.add_transition(rec.state, rec.action, r, next_state, next_mask)
+
+
+@dataclasses.dataclass
+class DqnRuntime:
+    """What the proxy holds for the DQN: the policy plus the objects whose lifetime the app owns."""
+
+    policy: DqnPolicy
+    engine: InferenceEngine
+    learner: BackgroundLearner | ProcessLearner | None = None
+    metrics: Metrics | None = None
+    core: Any = None  # the rl.learner.Learner (train/online), for checkpoints
+    replay: Any = None
+    arch: dict[str, Any] | None = None
+    _gauge_task: asyncio.Task[None] | None = None
+    _reported_updates: int = 0
+    _error_reported: bool = False
+
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: start the learner thread and the gauge task; stop both at shutdown."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        # gc.freeze() after start-up (torch's heap: an ~80 ms full collection wrecked p99) is done once
+        # by the process entry point (serve.tune_gc, also called by live_train), not here.
+        loop = asyncio.get_running_loop()
+        if self.learner is not None:
+            self.learner.start(loop)
+        self._gauge_task = loop.create_task(self._gauges())
+
+    async def stop(self) -> None:
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauge_task
+            self._gauge_task = None
+        if self.learner is not None:
+            await asyncio.to_thread(self.learner.stop)
+        self.update_gauges()
+        if self.learner is not None:
+            self.learner.close()
+        self.engine.close()
+
+    def update_gauges(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.epsilon.set(self.policy.epsilon)
+        lrn = self.learner
+        if lrn is not None:
+            loss = lrn.take_mean_loss()
+            if not math.isnan(loss):
+                m.td_loss.set(loss)
+            delta = lrn.updates - self._reported_updates
+            if delta > 0:
+                m.learner_updates.inc(delta)
+                self._reported_updates = lrn.updates
+            m.replay_size.set(len(lrn.replay))
+
+    async def _gauges(self) -> None:
+        while True:
+            await asyncio.sleep(GAUGE_INTERVAL_S)
+            self.update_gauges()
+            self.table_expire()
+            lrn = self.learner
+            if lrn is not None and lrn.error is not None and not self._error_reported:
+                # Routing goes on with the last published weights; say once why learning stopped.
+                print(f"lbproxy: learner stopped: {lrn.error!r}", file=sys.stderr)
+                self._error_reported = True
+
+    def table_expire(self) -> int:
+        table = self.policy.table
+        if table is None:
+            return 0
+        return table.expire(asyncio.get_running_loop().time())
+
+
+def _model_error(path: Path, exc: Exception) -> ConfigError:
+    return ConfigError(str(exc) if str(path) in str(exc) else f"cannot load model {str(path)!r}: {exc}")
+
+
+def load_serving_model(settings: Settings, max_backends: int = MAX_BACKENDS) -> tuple[Any, dict[str, Any], Path]:
+    """The model to serve: --model, else the shipped default. Missing/mismatched -> ConfigError (one line)."""
+    from lbproxy.rl.checkpoint import CheckpointError, default_model_path, load_model
+
+    path = settings.model if settings.model is not None else default_model_path()
+    if not path.is_file():
+        hint = (
+            "pass --model PATH to an existing model"
+            if settings.model is not None
+            else "train one with `lbproxy --mode train --env sim` or pass --model PATH"
+        )
+        raise ConfigError(f"model file {str(path)!r} not found; {hint}")
+    try:
+        net, meta = load_model(
+            path, device="cpu", expect_n_actions=max_backends, expect_obs_dim=feature_dim(max_backends)
+        )
+    except CheckpointError as exc:
+        raise _model_error(path, exc) from None
+    return net, meta, path
+
+
+def create_dqn_runtime(
+    settings: Settings,
+    view: ClusterView | None = None,
+    metrics: Metrics | None = None,
+    *,
+    train: bool | None = None,
+    net: Any = None,
+    total_decisions: int | None = None,
+    learner_state: dict[str, Any] | None = None,
+    epsilon_start_step: int = 0,
+    tracker: EpisodeTracker | None = None,
+    engine_cls: type[InferenceEngine] = InferenceEngine,
+) -> DqnRuntime:
+    """Build the dqn policy for the proxy.
+
+    serve (default): greedy, weights from `settings.model` (or the shipped default), learning only
+    with `--online` (then ε = eps_end, so the agent keeps sampling the alternatives it learns about).
+    train (`train=True`, used by live_train): ε schedule over `total_decisions`, learner always on,
+    weights from `net` (e.g. --init-model) or a fresh network.
+    """
+    import torch
+
+    from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
+    from lbproxy.rl.network import QNetwork
+    from lbproxy.rl.replay import ReplayBuffer
+
+    is_train = settings.mode == "train" if train is None else train
+    mb = MAX_BACKENDS
+    obs_dim = feature_dim(mb)
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or --device cpu")
+    if net is None and not is_train:
+        net, _meta, _path = load_serving_model(settings, mb)
+    cfg = DqnConfig.from_settings(settings)
+    if net is not None:
+        cfg = dataclasses.replace(cfg, hidden=net.hidden, dueling=net.dueling)
+    engine = engine_cls(
+        obs_dim,
+        mb,
+        max_batch=settings.max_batch,
+        device=device,
+        deadline_s=settings.decision_deadline_us * 1e-6,
+        on_batch=metrics.batch_size.observe if metrics is not None else None,
+    )
+    learning = is_train or settings.online
+    core = replay = None
+    background: BackgroundLearner | ProcessLearner | None = None
+    epsilon: Callable[[int], float] | None = None
+    if learning:
+        core = Learner(obs_dim, mb, cfg, device=device)
+        if learner_state is not None:
+            core.load_state_dict(learner_state)
+        elif net is not None:
+            core.online.load_state_dict(net.state_dict())
+            core.target.load_state_dict(net.state_dict())
+        replay = ReplayBuffer(settings.buffer_size, obs_dim, mb, seed=settings.seed)
+        serving_net = QNetwork(obs_dim, mb, cfg.hidden, cfg.dueling)
+        serving_net.load_state_dict({k: v.detach().cpu() for k, v in core.online.state_dict().items()})
+        engine.load_network(serving_net)
+        common: dict[str, Any] = {
+            "batch_size": settings.batch_size,
+            "learning_starts": settings.learning_starts,
+            "updates_per_decision": settings.updates_per_decision,
+            "weight_sync_every": settings.weight_sync_every,
+            "publish": engine.publish,
+            "prepare": engine.prepare,
+            "device": device,
+        }
+        if settings.learner_process:
+            background = ProcessLearner(core, replay, cfg=cfg, **common)
+        else:
+            background = BackgroundLearner(core, replay, **common)
+        if is_train:
+            sched = EpsilonSchedule.for_training(
+                settings.eps_start, settings.eps_end, settings.eps_fraction, total_decisions or 0
+            )
+            epsilon = lambda step: sched.value(step + epsilon_start_step)  # noqa: E731
+        else:
+            end = settings.eps_end
+            epsilon = lambda step: end  # noqa: E731
+    else:
+        engine.load_network(net)
+    policy = DqnPolicy(
+        engine,
+        metrics=metrics,
+        max_backends=mb,
+        learner=background,
+        table=DecisionTable() if background is not None else None,
+        epsilon=epsilon,
+        latency_scale_s=settings.latency_scale_s,
+        error_penalty=settings.error_penalty,
+        seed=settings.seed,
+        tracker=tracker,
+    )
+    return DqnRuntime(
+        policy=policy,
+        engine=engine,
+        learner=background,
+        metrics=metrics,
+        core=core,
+        replay=replay,
+        arch={"obs_dim": obs_dim, "n_actions": mb, "hidden": cfg.hidden, "dueling": cfg.dueling},
+    )
+
+
+def state_mask_for(view: ClusterView, req_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (state, mask) pair a decision on `view` feeds to the engine (benchmarks, tests)."""
+    return encode_state(view, req_class), action_mask(view)

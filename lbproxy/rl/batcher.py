@@ -1,0 +1,529 @@
+"""The inference engine: continuous batching of DQN decisions on the event loop.
+
+Every routed request hands its state vector and action mask to :meth:`InferenceEngine.decide`.
+While one forward pass runs, new requests queue; when it returns, everything queued (up to
+`max_batch`) goes into the next pass. A lone request never waits for company: with no pass running,
+one starts at once (on the next loop iteration, zero timeout) with whatever is queued.
+
+Two paths, chosen by device:
+
+* CPU: a NumPy copy of the MLP, run inline on the loop. A batch-1 NumPy forward costs ~8 µs against
+  ~25 µs for torch (ANCHORS.md; re-measured in benchmarks/decision_latency.py), and a thread hop
+  would cost more than the forward itself. Batching still happens: all requests whose handlers ran
+  in the same loop iteration share one pass. Variants for the benchmark and tests: `torch` (torch
+  CPU forward inline) and `thread` (the NumPy pass in the worker thread, exercising on CPU the same
+  off-loop pass, deadline timer and queueing that the CUDA path uses).
+* CUDA: pinned host buffers, ONE host-to-device copy (state and mask packed in one row), masked
+  argmax on the device, ONE device-to-host copy, a CUDA graph per power-of-two batch bucket. The
+  pass (and its stream sync) runs in a dedicated thread, so the loop never blocks on the device;
+  new weights are copied in place into the parameters the captured graphs read.
+
+Weights reach the engine through :meth:`publish`: the learner thread prepares a new immutable
+weight set (:func:`prepare_weights`), and the loop swaps one reference (atomic under the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lbproxy.rl.network import QNetwork, masked_argmax
+
+Backend = Literal["numpy", "torch", "thread", "cuda"]
+
+_Entry = tuple[np.ndarray, np.ndarray, "asyncio.Future[int]"]
+"""A queued decision: (state, mask, the future its caller awaits)."""
+
+DEADLINE_MISSED = -1
+"""`decide` returns this when the answer came later than the deadline (the caller falls back)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NumpyWeights:
+    """An immutable float32 copy of a QNetwork's parameters, laid out for `x @ W` (weights transposed)."""
+
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    w3: np.ndarray
+    b3: np.ndarray
+    wv: np.ndarray | None
+    bv: np.ndarray | None
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.w1.shape[0])
+
+    @property
+    def n_actions(self) -> int:
+        return int(self.w3.shape[1])
+
+
+def prepare_weights(state_dict: Mapping[str, torch.Tensor]) -> NumpyWeights:
+    """Build a fresh NumPy weight set from a QNetwork state_dict. Safe to call from any thread: it
+    allocates new arrays and never touches what the loop is reading."""
+
+    def t(key: str) -> np.ndarray:
+        return np.ascontiguousarray(state_dict[key].detach().to("cpu", torch.float32).numpy().T.copy())
+
+    def b(key: str) -> np.ndarray:
+        return state_dict[key].detach().to("cpu", torch.float32).numpy().copy()
+
+    dueling = "value.weight" in state_dict
+    return NumpyWeights(
+        w1=t("body.0.weight"),
+        b1=b("body.0.bias"),
+        w2=t("body.2.weight"),
+        b2=b("body.2.bias"),
+        w3=t("head.weight"),
+        b3=b("head.bias"),
+        wv=t("value.weight") if dueling else None,
+        bv=b("value.bias") if dueling else None,
+    )
+
+
+def numpy_q(w: NumpyWeights, x: np.ndarray) -> np.ndarray:
+    """Q-values for a (batch, obs_dim) float32 array: the same MLP as QNetwork.forward."""
+    h = x @ w.w1
+    h += w.b1
+    np.maximum(h, 0.0, out=h)
+    h2 = h @ w.w2
+    h2 += w.b2
+    np.maximum(h2, 0.0, out=h2)
+    q = h2 @ w.w3
+    q += w.b3
+    if w.wv is not None and w.bv is not None:
+        v = h2 @ w.wv + w.bv
+        q = v + q - q.mean(axis=-1, keepdims=True)
+    return q
+
+
+def numpy_masked_argmax(q: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Argmax over valid actions only (invalid -> -inf), row-wise."""
+    return np.where(mask, q, -np.inf).argmax(axis=-1)
+
+
+_BLAS_SET_THREADS = (
+    "openblas_set_num_threads",
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+)
+
+
+def limit_blas_threads(n: int = 1) -> bool:
+    """Cap NumPy's OpenBLAS thread pool (process-wide). From batch ~64 up, OpenBLAS splits a matmul
+    across threads that spin-wait; on 2 shared cores they fight the event loop: measured 256 µs per
+    decision at 64 concurrent decide() calls vs 10 µs single-threaded. Returns True if applied.
+    (threadpoolctl does this generically; it is not a dependency, so look the symbol up directly.)"""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = {line.split()[-1] for line in fh if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return False
+    done = False
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in _BLAS_SET_THREADS:
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                done = True
+                break
+    return done
+
+
+class _CudaRunner:
+    """The GPU pass: pinned buffers, one copy each way, a CUDA graph per power-of-two bucket.
+
+    Only ever called from the engine's single worker thread, so the graphs, buffers and the in-place
+    weight copies are serialised on one CUDA stream without locks. Cannot be exercised without a GPU;
+    tests/test_batcher.py::test_cuda_* cover it where one exists.
+    """
+
+    def __init__(self, net: QNetwork, max_batch: int, device: torch.device, use_graphs: bool = True) -> None:
+        self.device = device
+        self.obs_dim = net.obs_dim
+        self.n_actions = net.n_actions
+        self.net = net.to(device).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.buckets = [1 << i for i in range(max(0, max_batch - 1).bit_length() + 1)]  # 1, 2, 4, ... >= max_batch
+        width = self.obs_dim + self.n_actions
+        top = self.buckets[-1]
+        # State and mask packed in one row so each pass makes exactly one host-to-device copy.
+        self.host_in = torch.zeros((top, width), dtype=torch.float32).pin_memory()
+        self.host_out = torch.zeros((top,), dtype=torch.int64).pin_memory()
+        self.dev_in = torch.zeros((top, width), dtype=torch.float32, device=device)
+        self.dev_out = torch.zeros((top,), dtype=torch.int64, device=device)
+        self.stream = torch.cuda.Stream(device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if use_graphs:
+            self._capture()
+
+    def _step(self, b: int) -> None:
+        inp = self.dev_in[:b]
+        q = self.net(inp[:, : self.obs_dim])
+        self.dev_out[:b].copy_(masked_argmax(q, inp[:, self.obs_dim :] > 0.5))
+
+    def _capture(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # buffers were zeroed on the default stream
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            for b in self.buckets:  # warm-up on the side stream, as torch.cuda.graphs docs require
+                for _ in range(3):
+                    self._step(b)
+            self.stream.synchronize()
+            for b in self.buckets:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=self.stream):
+                    self._step(b)
+                self.graphs[b] = g
+        self.stream.synchronize()
+
+    def bucket(self, k: int) -> int:
+        for b in self.buckets:
+            if b >= k:
+                return b
+        return self.buckets[-1]
+
+    @property
+    def staging(self) -> tuple[np.ndarray, np.ndarray]:
+        """(states, masks) views of the pinned input buffer: the engine writes batch rows straight
+        into pinned memory (safe: passes never overlap, the next batch is staged after this returns)."""
+        hin = self.host_in.numpy()
+        return hin[:, : self.obs_dim], hin[:, self.obs_dim :]
+
+    def run(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """Stage a batch into pinned memory, then `run_staged`."""
+        k = states.shape[0]
+        hs, hm = self.staging
+        hs[:k] = states
+        hm[:k] = masks
+        return self.run_staged(k)
+
+    def run_staged(self, k: int) -> np.ndarray:
+        """The device pass over the first k staged rows: one copy in, graph replay, one copy out."""
+        b = self.bucket(k)
+        if b > k:
+            self.host_in.numpy()[k:b] = 1.0  # padding rows: any valid mask; their answers are ignored
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            self.dev_in[:b].copy_(self.host_in[:b], non_blocking=True)
+            g = self.graphs.get(b)
+            if g is not None:
+                g.replay()
+            else:
+                self._step(b)
+            self.host_out[:b].copy_(self.dev_out[:b], non_blocking=True)
+            self.stream.synchronize()  # in the worker thread, never on the event loop
+        return self.host_out.numpy()[:k].copy()
+
+    def load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy new weights IN PLACE: the captured graphs keep reading the same parameter storage."""
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            params = dict(self.net.named_parameters())
+            for name, value in state_dict.items():
+                if name in params:
+                    params[name].copy_(value, non_blocking=True)
+            self.stream.synchronize()
+
+
+class InferenceEngine:
+    """Continuous batching of masked-argmax decisions over the current Q-network weights.
+
+    `decide` must be called from the event loop thread; `publish` too (the learner thread uses
+    `loop.call_soon_threadsafe(engine.publish, weights)`).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        n_actions: int,
+        *,
+        max_batch: int = 256,
+        device: str | torch.device = "cpu",
+        cpu_backend: Literal["numpy", "torch", "thread"] = "numpy",
+        deadline_s: float | None = None,
+        use_graphs: bool = True,
+        on_batch: Any = None,
+    ) -> None:
+        self.obs_dim = obs_dim
+        self.n_actions = n_actions
+        self.max_batch = max(1, max_batch)
+        self.device = torch.device(device)
+        self.backend: Backend = "cuda" if self.device.type == "cuda" else cpu_backend
+        self.deadline_s = deadline_s
+        self.use_graphs = use_graphs
+        self.on_batch = on_batch  # e.g. metrics.batch_size.observe; called once per pass
+        self.passes = 0
+        self.decisions = 0
+        self._weights: NumpyWeights | None = None
+        self._torch_net: QNetwork | None = None
+        self._cuda: _CudaRunner | None = None
+        self._queue: list[_Entry] = []
+        self._running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._xbuf = np.zeros((self.max_batch, obs_dim), dtype=np.float32)
+        self._mbuf = np.zeros((self.max_batch, n_actions), dtype=bool)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._version = 0
+        if self.backend in ("numpy", "thread"):
+            limit_blas_threads(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self.late_passes = 0
+
+    # --- weights ----------------------------------------------------------------------------------
+    @property
+    def has_model(self) -> bool:
+        return self._version > 0
+
+    @property
+    def version(self) -> int:
+        """How many weight sets have been published (0 = no model yet)."""
+        return self._version
+
+    def load_network(self, net: QNetwork) -> None:
+        """Install a network (start-up). For CUDA this captures the graphs: call it before serving."""
+        if net.obs_dim != self.obs_dim or net.n_actions != self.n_actions:
+            raise ValueError(
+                f"network shape obs_dim={net.obs_dim}, n_actions={net.n_actions} does not match the engine's "
+                f"obs_dim={self.obs_dim}, n_actions={self.n_actions}"
+            )
+        sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if self.backend == "cuda":
+            clone = QNetwork(net.obs_dim, net.n_actions, net.hidden, net.dueling)
+            clone.load_state_dict(sd)
+            self._ensure_executor()
+            assert self._executor is not None
+            self._cuda = self._executor.submit(
+                _CudaRunner, clone, self.max_batch, self.device, self.use_graphs
+            ).result()
+            self._version += 1
+        elif self.backend == "torch":
+            clone = QNetwork(net.obs_dim, net.n_actions, net.hidden, net.dueling).eval()
+            clone.load_state_dict(sd)
+            self._torch_net = clone
+            self._version += 1
+        else:
+            if self.backend == "thread":
+                self._ensure_executor()
+            self.publish(prepare_weights(sd))
+
+    def prepare(self, state_dict: Mapping[str, torch.Tensor]) -> Any:
+        """What `publish` wants for this backend, built OFF the loop (in the learner thread)."""
+        if self.backend in ("numpy", "thread"):
+            return prepare_weights(state_dict)
+        return {k: v.detach().to("cpu").clone() for k, v in state_dict.items()}
+
+    def publish(self, weights: Any) -> None:
+        """Make new weights visible to the next pass. NumPy: one reference assignment of a freshly
+        built weight set (a pass in progress keeps the old one). torch/CUDA: in-place copy, ordered
+        with the passes (CUDA: on the worker thread, so captured graphs see it)."""
+        if self.backend in ("numpy", "thread"):
+            if not isinstance(weights, NumpyWeights):
+                weights = prepare_weights(weights)
+            if weights.obs_dim != self.obs_dim or weights.n_actions != self.n_actions:
+                raise ValueError("published weights do not match the engine's shape")
+            self._weights = weights
+        elif self.backend == "torch":
+            if self._torch_net is None:
+                raise RuntimeError("load_network() first: the torch path needs the architecture")
+            with torch.no_grad():
+                self._torch_net.load_state_dict(weights)
+        else:
+            if self._cuda is None or self._executor is None:
+                raise RuntimeError("load_network() first: the CUDA path captures graphs from a network")
+            self._executor.submit(self._cuda.load, weights).result()
+        self._version += 1
+
+    # --- the pass ---------------------------------------------------------------------------------
+    def forward(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """One synchronous pass: masked argmax actions for a (k, obs_dim) batch. Tests subclass this."""
+        if self.backend in ("numpy", "thread"):
+            w = self._weights
+            if w is None:
+                raise RuntimeError("no model loaded")
+            return numpy_masked_argmax(numpy_q(w, states), masks)
+        if self.backend == "torch":
+            assert self._torch_net is not None
+            with torch.inference_mode():
+                q = self._torch_net(torch.from_numpy(states))
+                return masked_argmax(q, torch.from_numpy(masks)).numpy()
+        assert self._cuda is not None
+        return self._cuda.run(states, masks)
+
+    def forward_sync(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """A pass outside the loop (benchmarks, tests), on whichever thread owns the device."""
+        if self.backend == "cuda":
+            self._ensure_executor()
+            assert self._executor is not None
+            return self._executor.submit(self.forward, states, masks).result()
+        return self.forward(states, masks)
+
+    # --- continuous batching ----------------------------------------------------------------------
+    async def decide(self, state: np.ndarray, mask: np.ndarray) -> int:
+        """The action for one state (masked argmax), or DEADLINE_MISSED when the engine was too slow
+        (see `_start_pass` for what the deadline measures). The caller keeps ownership of
+        `state`/`mask` but must not mutate them until this returns."""
+        return await self.submit(state, mask)
+
+    def submit(self, state: np.ndarray, mask: np.ndarray) -> asyncio.Future[int]:
+        """`decide` without its coroutine frame: queue the state and return the future to await (the
+        per-request path of the dqn policy; saves a coroutine object per decision)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._queue.append((state, mask, fut))
+        if not self._running:
+            self._running = True
+            loop.call_soon(self._start_pass)
+        return fut
+
+    def _take_batch(self) -> list[_Entry]:
+        q = self._queue
+        if len(q) <= self.max_batch:
+            batch, self._queue = q, []
+        else:
+            batch, self._queue = q[: self.max_batch], q[self.max_batch :]
+        if self._cuda is not None:
+            xb, mb = self._cuda.staging  # straight into pinned memory (bool -> 0/1 float)
+        else:
+            xb, mb = self._xbuf, self._mbuf
+        for i, (s, m, _f) in enumerate(batch):
+            xb[i] = s
+            mb[i] = m
+        return batch
+
+    def _start_pass(self) -> None:
+        """Run one pass over everything queued (up to max_batch).
+
+        What the deadline measures differs by path, on purpose:
+        * inline (CPU): the pass's own compute time. The wait before an inline pass is the event
+          loop running other requests' handlers (loop lag, ~one iteration): no fallback could answer
+          sooner, so counting it would only make the DQN step aside exactly when the proxy is busy.
+        * off-loop (CUDA, `thread`): from submission; one timer per pass. When it fires and the worker
+          has not finished, the pass's requests and everything queued behind it fall back.
+        """
+        if not self._queue:
+            self._running = False
+            return
+        batch = self._take_batch()
+        k = len(batch)
+        self.passes += 1
+        self.decisions += k
+        if self.on_batch is not None:
+            self.on_batch(k)
+        loop = self._loop
+        assert loop is not None
+        if self._executor is not None and self.backend in ("cuda", "thread"):
+            # Rows are already staged (pinned memory on CUDA); nothing stages the next batch before
+            # this pass returns, so the worker reads them without a copy.
+            if self._cuda is not None:
+                cfut = self._executor.submit(self._cuda.run_staged, k)
+            else:
+                cfut = self._executor.submit(self.forward, self._xbuf[:k], self._mbuf[:k])
+            if self.deadline_s is not None:
+                self._timer = loop.call_later(self.deadline_s, self._expire, batch, cfut)
+
+            def done(f: concurrent.futures.Future[np.ndarray]) -> None:
+                if not loop.is_closed():  # shutting down: nobody is waiting any more
+                    loop.call_soon_threadsafe(self._finish, batch, f)
+
+            cfut.add_done_callback(done)
+            return
+        t0 = time.perf_counter()
+        try:
+            actions = self.forward(self._xbuf[:k], self._mbuf[:k])
+        except Exception as exc:  # a broken model must not hang requests: fail this batch only
+            for _s, _m, f in batch:
+                if not f.done():
+                    f.set_exception(exc)
+        else:
+            late = self.deadline_s is not None and time.perf_counter() - t0 > self.deadline_s
+            self._deliver(batch, actions, late)
+        # Whatever queued meanwhile (nothing, for an inline pass) goes next; a new loop iteration
+        # in between lets other handlers add to it.
+        if self._queue:
+            loop.call_soon(self._start_pass)
+        else:
+            self._running = False
+
+    @staticmethod
+    def _deliver(batch: list[_Entry], actions: Any, late: bool) -> None:
+        if late:
+            for _s, _m, f in batch:
+                if not f.done():
+                    f.set_result(DEADLINE_MISSED)
+            return
+        for (_s, _m, f), a in zip(batch, actions.tolist(), strict=False):
+            if not f.done():
+                f.set_result(a)
+
+    def _expire(self, batch: list[_Entry], cfut: concurrent.futures.Future[np.ndarray]) -> None:
+        """The running off-loop pass is late: its requests fall back, and so does everything queued
+        behind it (a stalled device must not hold requests); re-armed until the pass returns. A pass
+        that finished but whose completion callback has not run yet (loop busy) is not late."""
+        if cfut.done():
+            return
+        queued, self._queue = self._queue, []
+        self.late_passes += 1
+        for _s, _m, f in batch + queued:
+            if not f.done():
+                f.set_result(DEADLINE_MISSED)
+        if self.deadline_s is not None and self._loop is not None:
+            self._timer = self._loop.call_later(self.deadline_s, self._expire, [], cfut)
+
+    def _finish(self, batch: list[_Entry], cfut: concurrent.futures.Future[np.ndarray]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        exc = cfut.exception()
+        if exc is not None:
+            for _s, _m, f in batch:
+                if not f.done():
+                    f.set_exception(exc)
+        else:
+            self._deliver(batch, cfut.result(), False)
+        self._start_pass()
+
+    def _ensure_executor(self) -> None:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lbproxy-infer")
+
+    def close(self) -> None:
+        """Stop the device thread (if any); pending decisions get DEADLINE_MISSED so nobody hangs."""
+        for _s, _m, f in self._queue:
+            if not f.done():
+                f.set_result(DEADLINE_MISSED)
+        self._queue = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+__all__ = [
+    "DEADLINE_MISSED",
+    "InferenceEngine",
+    "NumpyWeights",
+    "cuda_available",
+    "numpy_masked_argmax",
+    "numpy_q",
+    "prepare_weights",
+]

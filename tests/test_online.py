@@ -1,0 +1,168 @@
+"""Reward join, decision-table bounds and expiry, and the background learner thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lbproxy.config import Settings
+from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome, action_mask, encode_state, reward
+from lbproxy.policies.dqn import create_dqn_runtime
+from lbproxy.rl.online import DecisionRecord, DecisionTable
+
+
+def rec(t_s: float, action: int = 0) -> DecisionRecord:
+    return DecisionRecord(np.zeros(FEATURE_DIM, np.float32), action, np.ones(MAX_BACKENDS, bool), 0, t_s)
+
+
+def test_table_is_bounded_and_counts_what_it_drops() -> None:
+    table = DecisionTable(max_entries=10, ttl_s=1e9)
+    for i in range(25):
+        table.put(i, rec(float(i)))
+    assert len(table) == 10
+    assert table.expired == 15
+    assert table.pop(3) is None  # the oldest went first
+    popped = table.pop(24)
+    assert popped is not None and popped.t_s == 24.0
+
+
+def test_table_ttl_expiry_counted() -> None:
+    table = DecisionTable(max_entries=100, ttl_s=5.0)
+    for i in range(10):
+        table.put(i, rec(float(i)))
+    # Each insert also drops what its own timestamp puts past the TTL: t < 9 - 5 -> 0..3 are gone.
+    assert table.expired == 4 and len(table) == 6
+    assert table.expire(now_s=9.5) == 1  # t < 4.5: record 4
+    assert table.expired == 5 and len(table) == 5
+    assert table.pop(4) is None and table.pop(5) is not None
+    table.put(100, rec(20.0))
+    assert len(table) == 1
+    assert table.expired == 9
+
+
+def small_settings(**kw: object) -> Settings:
+    base: dict[str, object] = {
+        "mode": "train",
+        "device": "cpu",
+        "hidden": 16,
+        "batch_size": 8,
+        "learning_starts": 16,
+        "updates_per_decision": 0.2,
+        "weight_sync_every": 4,
+        "buffer_size": 1000,
+        "eps_start": 0.0,
+        "eps_end": 0.0,
+    }
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+async def test_reward_join_builds_the_right_transition() -> None:
+    view = ClusterView.create(3)
+    rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
+    policy = rt.policy
+    state_before = encode_state(view, 1)
+    action, did = await policy.decide(1, view, now_s=0.0)
+    assert did >= 0 and action in view.candidates
+    # The pool dispatches, then completes and updates the view BEFORE observe.
+    view.on_dispatch(action)
+    out = Outcome(backend=action, req_class=1, latency_s=0.25, error=False, decision_id=did)
+    view.on_complete(out, now_s=0.3)
+    policy.observe(out, view, now_s=0.3)
+    assert rt.replay is not None and len(rt.replay) == 1
+    s = rt.replay.sample(1)
+    np.testing.assert_allclose(s.obs[0].numpy(), state_before)
+    assert int(s.actions.reshape(-1)[0]) == action
+    assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.25, False))
+    np.testing.assert_allclose(s.next_obs[0].numpy(), encode_state(view, 1))
+    assert s.next_mask[0].numpy().astype(bool).tolist() == action_mask(view).tolist()
+    # A second outcome for the same id (or an unknown id) adds nothing.
+    policy.observe(out, view, now_s=0.4)
+    policy.observe(Outcome(backend=0, req_class=0, latency_s=0.1, error=True, decision_id=12345), view, 0.4)
+    assert len(rt.replay) == 1
+    rt.engine.close()
+
+
+async def test_error_outcome_is_penalised() -> None:
+    view = ClusterView.create(2)
+    rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
+    action, did = await rt.policy.decide(0, view, now_s=0.0)
+    view.on_dispatch(action)
+    out = Outcome(backend=action, req_class=0, latency_s=0.05, error=True, decision_id=did)
+    view.on_complete(out, 0.05)
+    rt.policy.observe(out, view, 0.05)
+    s = rt.replay.sample(1)
+    assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.05, True))
+    rt.engine.close()
+
+
+async def test_background_learner_updates_and_publishes_weights() -> None:
+    """Real learner thread: decisions feed tokens, updates run, new weights reach the engine."""
+    view = ClusterView.create(2)
+    rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
+    await rt.start()
+    try:
+        version0 = rt.engine.version
+        lrn = rt.learner
+        assert lrn is not None
+        n = 0
+        for _chunk in range(10):  # 10 bursts of 20 decisions, letting the learner catch up between them
+            for _ in range(20):
+                a, did = await rt.policy.decide(n % 3, view, now_s=n * 0.01)
+                view.on_dispatch(a)
+                out = Outcome(backend=a, req_class=n % 3, latency_s=0.01 + 0.1 * a, error=False, decision_id=did)
+                view.on_complete(out, n * 0.01 + 0.005)
+                rt.policy.observe(out, view, n * 0.01 + 0.005)
+                n += 1
+            deadline = time.monotonic() + 10.0
+            while lrn.backlog > 0 and len(rt.replay) >= lrn.learning_starts and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        assert lrn.error is None
+        # 0.2 updates per decision over 200 decisions, less what fell in the 16-transition warm-up.
+        assert 30 <= lrn.updates <= 40
+        assert rt.engine.version > version0, "weights were published to the inference engine"
+    finally:
+        await rt.stop()
+    assert not lrn.running
+    # After a final publish the engine answers exactly as the learner's online network does.
+    lrn.publish_now()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    states = np.random.default_rng(0).normal(size=(50, FEATURE_DIM)).astype(np.float32)
+    masks = np.ones((50, MAX_BACKENDS), dtype=bool)
+    with torch.inference_mode():
+        expected = rt.core.online(torch.from_numpy(states)).argmax(dim=-1).numpy()
+    assert rt.engine.forward_sync(states, masks).tolist() == expected.tolist()
+
+
+@pytest.mark.slow
+async def test_process_learner_updates_and_publishes_weights() -> None:
+    """`--learner-process`: shared-memory replay in, weights back through the double buffer."""
+    view = ClusterView.create(2)
+    rt = create_dqn_runtime(small_settings(learner_process=True), view, None, train=True, total_decisions=1000)
+    await rt.start()
+    try:
+        version0 = rt.engine.version
+        lrn = rt.learner
+        assert lrn is not None
+        for n in range(200):
+            a, did = await rt.policy.decide(n % 3, view, now_s=n * 0.01)
+            view.on_dispatch(a)
+            out = Outcome(backend=a, req_class=n % 3, latency_s=0.01 + 0.1 * a, error=False, decision_id=did)
+            view.on_complete(out, n * 0.01 + 0.005)
+            rt.policy.observe(out, view, n * 0.01 + 0.005)
+        deadline = time.monotonic() + 25.0  # includes the child's torch import
+        while (lrn.updates < 20 or rt.engine.version <= version0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert lrn.error is None
+        assert 20 <= lrn.updates <= 40
+        assert rt.engine.version > version0
+        snap = await asyncio.to_thread(lrn.snapshot)
+        assert int(snap["updates"]) == lrn.updates
+    finally:
+        await rt.stop()
+    assert not lrn.running
