@@ -1,0 +1,507 @@
+"""`lbproxy --mode train --env sim`: the simulator training workflow, resumable bit for bit.
+
+Episodes. An episode is `episode_decisions` routed decisions in a *fresh* Simulator seeded from
+(seed, episode) (:func:`train_sim_seed`), after a short warm-up in the same simulator run, routed by
+the SED oracle and neither recorded nor learned from (:class:`WarmupThen`): it fills the backends'
+queues and the view's latency estimates, so an episode does not start from an idle, unmeasured
+cluster. Making every episode's traffic a pure function of (seed, episode) is what makes `--resume`
+exact: only the agent, learner, replay buffer and RNG states must be saved, as state_dicts. The phase of episode `ep` is
+`lbproxy.phases.phase_index_for_episode(ep, episodes)`: the run is a three-phase curriculum
+(steady -> mixed -> peak, see lbproxy/phases.py) over equal thirds.
+
+Outputs under RUN_DIR: `metrics/training_metrics.csv` (a row every `metrics_every` episodes, the
+columns are :data:`METRIC_FIELDS`), `checkpoints/dqn_episode_XXXX.pth` every `checkpoint_every`
+episodes (atomic; state_dicts and primitives only, loaded with weights_only=True) and
+`dqn_final.pth` (the online network, lbproxy.rl.checkpoint.save_model format) at the end. Only the
+newest `keep_checkpoints` checkpoints are kept: each holds the replay buffer (~70 MB by default).
+
+Cost: the default run (6000 episodes x 256 decisions, 0.25 updates per decision at batch 128, one torch
+thread) took 491 CPU-seconds (~8.5 min of one core) on a 2-vCPU EPYC guest (2026-11-24); measured with
+`/usr/bin/time`, see lbproxy/models/dqn_default.json.
+
+Ctrl-C is handled between episodes: the first one finishes the running episode, saves a checkpoint
+of it and exits 130 with the command that resumes; a second one aborts at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from lbproxy.config import ConfigError, Settings
+from lbproxy.observe import (
+    ERROR_PENALTY,
+    LATENCY_SCALE_S,
+    MAX_BACKENDS,
+    ClusterView,
+    Outcome,
+    WindowStats,
+    WindowSummary,
+    feature_dim,
+    is_accurate,
+)
+from lbproxy.phases import phase_index_for_episode
+from lbproxy.telemetry import CsvMetricsWriter
+
+TRAIN_FORMAT = "lbproxy-train/1"
+EXIT_INTERRUPTED = 130
+WARMUP_DECISIONS = 128
+"""Decisions the SED oracle routes before each episode (not recorded, not learned from): enough for
+every backend of a 16-slot cluster to complete a few requests, so the latency features are warm and
+the queues are at their working level when the policy takes over."""
+
+TRAIN_SEED_STRIDE = 2**32
+"""Training simulator seed = seed * 2**32 + episode; evaluation uses 1_000_000 + seed + k (evaluate.py).
+The two sets are disjoint for seeds below 2**32 - 1e6 and fewer than 1e6 episodes per seed."""
+
+PROGRESS_MIN_INTERVAL_S = 5.0
+"""At most one progress line per this many wall seconds (plus the first and the last)."""
+
+METRIC_FIELDS = (
+    "episode",
+    "phase",
+    "mean_reward",
+    "gini",
+    "accuracy",
+    "mean_ms",
+    "p50_ms",
+    "p99_ms",
+    "error_rate",
+    "loss",
+    "epsilon",
+    "updates",
+    "wall_s",
+)
+"""Columns of metrics/training_metrics.csv; each row averages the per-episode statistics of the
+`metrics_every` episodes it closes (loss: mean of the episodes' last losses, NaN before learning)."""
+
+# Settings that change the result of a run: a resume with any of them different is refused.
+FINGERPRINT_FIELDS = (
+    "seed",
+    "episode_decisions",
+    "gamma",
+    "lr",
+    "batch_size",
+    "buffer_size",
+    "learning_starts",
+    "updates_per_decision",
+    "target_update_every",
+    "eps_start",
+    "eps_end",
+    "eps_fraction",
+    "hidden",
+    "dueling",
+    "grad_clip",
+    "latency_scale_s",
+    "error_penalty",
+)
+
+_CKPT_RE = re.compile(r"dqn_episode_(\d+)\.pth$")
+
+
+def train_sim_seed(seed: int, episode: int) -> int:
+    """The simulator seed of training episode `episode` (0-based) of a run seeded `seed`."""
+    return seed * TRAIN_SEED_STRIDE + episode
+
+
+def scenario_digest(scenario: Any) -> str:
+    """Hash of what a scenario simulates (every field of the frozen dataclasses), without the file it
+    came from or its summary, so a checkout that moved or a reworded summary still resumes."""
+    fields = {k: v for k, v in dataclasses.asdict(scenario).items() if k not in ("source", "summary")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(settings: Settings, scenario: Any, episodes: int) -> dict[str, Any]:
+    fp: dict[str, Any] = {name: getattr(settings, name) for name in FINGERPRINT_FIELDS}
+    fp["episodes"] = episodes
+    fp["scenario"] = scenario.name
+    fp["scenario_digest"] = scenario_digest(scenario)
+    fp["max_backends"] = MAX_BACKENDS
+    return fp
+
+
+class WarmupThen:
+    """A Policy for one episode's Simulator: the SED oracle routes the first `warmup` decisions (not
+    recorded, not learned from), then `policy` routes the rest, which are recorded in `stats`.
+
+    Warm-up and episode run in ONE `Simulator.run`, so the view's in-flight counts stay exact at the
+    hand-over (a separate warm-up run would drain its completions from the view but leave their work
+    on the servers). Decision ids are shifted so that `policy` sees its own lifetime numbering: each
+    episode's Simulator counts from 0, the agent keeps counting across episodes.
+    Accuracy (vs the SED oracle with true rates) and Gini use lbproxy.observe, as the simulator does.
+    """
+
+    def __init__(self, sim: Any, policy: Any, warmup: int, first_id: int, stats: WindowStats) -> None:
+        from lbproxy.sim import SedOracle
+
+        self.name = policy.name
+        self._warm = SedOracle(sim)
+        self._policy = policy
+        self._warmup = warmup
+        self._offset = first_id - warmup
+        self._rates = sim.true_rates  # live [class][server] lists
+        self._k = 0
+        self.stats = stats
+
+    def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
+        k = self._k
+        self._k = k + 1
+        if k < self._warmup:
+            return self._warm.choose(req_class, view, now_s)
+        action = int(self._policy.choose(req_class, view, now_s))
+        ok = is_accurate(action, view.in_flight, self._rates[req_class], view.candidates)
+        self.stats.record_decision(action, ok)
+        return action
+
+    def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
+        if outcome.decision_id < self._warmup:
+            return
+        self.stats.record_outcome(outcome)
+        out = Outcome(
+            outcome.backend,
+            outcome.req_class,
+            outcome.latency_s,
+            outcome.error,
+            outcome.decision_id + self._offset,
+            outcome.service_time_s,
+        )
+        self._policy.observe(out, view, now_s)
+
+
+def run_episode(
+    make_policy: Callable[[Any], Any],
+    scenario: Any,
+    sim_seed: int,
+    phase: int,
+    decisions: int,
+    *,
+    first_id: int = 0,
+    latency_scale_s: float = LATENCY_SCALE_S,
+    error_penalty: float = ERROR_PENALTY,
+) -> tuple[WindowSummary, WindowStats]:
+    """One episode on a fresh Simulator(scenario, sim_seed): SED-oracle warm-up, then `decisions`
+    routed by `make_policy(sim)`. Returns the episode's summary and its raw window (for pooling)."""
+    from lbproxy.sim import Simulator
+
+    sim = Simulator(scenario, sim_seed, phase=phase, latency_scale_s=latency_scale_s, error_penalty=error_penalty)
+    stats = WindowStats(n=sim.n, latency_scale_s=latency_scale_s, error_penalty=error_penalty)
+    sim.run(
+        WarmupThen(sim, make_policy(sim), WARMUP_DECISIONS, first_id, stats), WARMUP_DECISIONS + decisions, record=False
+    )
+    return stats.summary(capacity=sim.capacity_rps(), candidates=sim.view.candidates), stats
+
+
+@dataclass
+class _Window:
+    """Per-episode statistics of the metrics row being accumulated (saved in checkpoints)."""
+
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, **values: float) -> None:
+        self.rows.append(values)
+
+    def mean(self, key: str) -> float:
+        vals = [r[key] for r in self.rows if not math.isnan(r[key])]
+        return sum(vals) / len(vals) if vals else math.nan
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global Python/NumPy/torch RNG states as primitives and tensors (weights_only-loadable)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [str(np_name), [int(k) for k in np_keys], int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
+def checkpoint_path(run_dir: Path, episode: int) -> Path:
+    return run_dir / "checkpoints" / f"dqn_episode_{episode:04d}.pth"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest episode number in RUN_DIR/checkpoints, if any."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (each holds the whole replay buffer)."""
+    folder = run_dir / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.search(p.name)))
+    for _, path in found[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+class _SigintLatch:
+    """First Ctrl-C sets a flag checked between episodes; a second one raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nlbproxy: interrupt: finishing this episode and saving a checkpoint ...", file=sys.stderr)
+
+
+@contextmanager
+def _sigint_latch() -> Iterator[_SigintLatch]:
+    latch = _SigintLatch()
+    try:
+        previous = signal.signal(signal.SIGINT, latch)
+    except ValueError:  # not the main thread (e.g. called from a worker): no graceful Ctrl-C
+        yield latch
+        return
+    try:
+        yield latch
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _truncate_csv(path: Path, last_episode: int) -> None:
+    """On resume, drop rows written after the checkpoint (they will be written again, identically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines:
+        return
+    kept = [lines[0]]
+    for line in lines[1:]:
+        head = line.split(",", 1)[0]
+        if head.isdigit() and int(head) <= last_episode:
+            kept.append(line)
+    path.write_text("".join(kept))
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _resolve_scenario(settings: Settings) -> Any:
+    from lbproxy.sim import ScenarioError, load_scenario
+
+    try:
+        return load_scenario(settings.scenario)
+    except ScenarioError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
+    """Train the DQN in the simulator; returns the exit code. `stop_after` (tests only) stops after
+    that many episodes as if Ctrl-C had been pressed, so a run can be split and resumed exactly."""
+    from lbproxy.rl.agent import DqnAgent
+    from lbproxy.rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_model
+    from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
+    from lbproxy.rl.replay import ReplayBuffer
+
+    if settings.seed < 0:
+        raise ConfigError(f"invalid setting --seed: must be >= 0 for simulator training, got {settings.seed}")
+    scenario = _resolve_scenario(settings)
+    episodes = settings.resolved_episodes()
+    run_dir = settings.run_dir
+    fp = fingerprint(settings, scenario, episodes)
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # one core: the MLP is small and the default run is sized for one core
+
+    n_actions = MAX_BACKENDS
+    obs_dim = feature_dim(n_actions)
+    cfg = DqnConfig.from_settings(settings)
+    random.seed(settings.seed)
+    np.random.seed(settings.seed % 2**32)
+    torch.manual_seed(settings.seed)
+    learner = Learner(obs_dim, n_actions, cfg, device=device)
+    replay = ReplayBuffer(cfg.buffer_size, obs_dim, n_actions, seed=settings.seed)
+    agent = DqnAgent(
+        learner,
+        replay,
+        cfg,
+        train=True,
+        total_decisions=episodes * settings.episode_decisions,
+        seed=settings.seed,
+        max_backends=n_actions,
+    )
+
+    start_episode = 0
+    window = _Window()
+    wall_before = 0.0
+    ckpt_dir = run_dir / "checkpoints"
+    csv_path = run_dir / "metrics" / "training_metrics.csv"
+    if settings.resume:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start training")
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        if state.get("format") != TRAIN_FORMAT:
+            raise ConfigError(f"{path} is not a training checkpoint ({TRAIN_FORMAT}); delete it or use another run dir")
+        saved_fp = state.get("fingerprint", {})
+        diff = [k for k in sorted(set(fp) | set(saved_fp)) if fp.get(k) != saved_fp.get(k)]
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"--resume: {path} was trained with {k}={saved_fp.get(k)!r}, now {k}={fp.get(k)!r}; "
+                f"resume with the same settings ({', '.join(diff)} differ) or start a new --run-dir"
+            )
+        try:
+            learner.load_state_dict(state["learner"])
+            replay.load_state_dict(state["replay"])
+            agent.load_state_dict(state["agent"])
+            _set_rng_state(state["rng"])
+            start_episode = int(state["episode"])
+            window = _Window(rows=[dict(r) for r in state["window"]])
+            wall_before = float(state["wall_s"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())[:120]
+            raise ConfigError(
+                f"{path} is an incomplete or incompatible training checkpoint ({type(exc).__name__}: {reason}); "
+                "delete it to resume from an older one, or start a new --run-dir"
+            ) from None
+        _truncate_csv(csv_path, start_episode)
+        print(f"lbproxy: resuming {run_dir} from episode {start_episode} ({path.name})", file=sys.stderr)
+    elif latest_checkpoint(run_dir) is not None or (run_dir / "dqn_final.pth").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --run-dir"
+        )
+    if start_episode >= episodes:
+        print(f"lbproxy: {run_dir} already finished {episodes} episodes; nothing to do", file=sys.stderr)
+        return 0
+
+    def save(episode_done: int) -> Path:
+        path = checkpoint_path(run_dir, episode_done)
+        payload = {
+            "format": TRAIN_FORMAT,
+            "episode": episode_done,
+            "fingerprint": fp,
+            "learner": learner.state_dict(),
+            "replay": replay.state_dict(),
+            "agent": agent.state_dict(),
+            "rng": _rng_state(),
+            "window": [dict(r) for r in window.rows],
+            "wall_s": wall_before + (time.perf_counter() - t0),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, payload)
+        if settings.keep_checkpoints > 0:
+            prune_checkpoints(run_dir, settings.keep_checkpoints)
+        return path
+
+    writer = CsvMetricsWriter(csv_path, METRIC_FIELDS)
+    t0 = time.perf_counter()
+    last_print = -math.inf
+    print(
+        f"lbproxy: training {episodes} episodes x {settings.episode_decisions} decisions on scenario "
+        f"{scenario.name!r}, device {device}, run dir {run_dir}",
+        file=sys.stderr,
+    )
+    try:
+        with _sigint_latch() as latch:
+            for ep in range(start_episode, episodes):
+                phase = phase_index_for_episode(ep, episodes)
+                phase = min(phase, len(scenario.phases) - 1)
+                s, _stats = run_episode(
+                    lambda _sim: agent,
+                    scenario,
+                    train_sim_seed(settings.seed, ep),
+                    phase,
+                    settings.episode_decisions,
+                    first_id=int(agent.decisions),
+                    latency_scale_s=settings.latency_scale_s,
+                    error_penalty=settings.error_penalty,
+                )
+                window.add(
+                    phase=float(phase),
+                    mean_reward=s.mean_reward,
+                    gini=s.gini,
+                    accuracy=s.accuracy,
+                    mean_ms=s.mean_latency_s * 1e3,
+                    p50_ms=s.p50_s * 1e3,
+                    p99_ms=s.p99_s * 1e3,
+                    error_rate=s.error_rate,
+                    loss=float(agent.last_loss),
+                )
+                done = ep + 1
+                elapsed = time.perf_counter() - t0
+                if done % settings.metrics_every == 0 or done == episodes:
+                    writer.write(
+                        {
+                            "episode": done,
+                            "phase": phase + 1,
+                            **{k: f"{window.mean(k):.6g}" for k in METRIC_FIELDS[2:10]},
+                            "epsilon": f"{agent.epsilon:.4f}",
+                            "updates": learner.updates,
+                            "wall_s": f"{wall_before + elapsed:.1f}",
+                        }
+                    )
+                    if time.perf_counter() - last_print >= PROGRESS_MIN_INTERVAL_S or done == episodes:
+                        last_print = time.perf_counter()
+                        rate = (done - start_episode) / max(elapsed, 1e-9)
+                        print(
+                            f"episode {done}/{episodes}  phase {phase + 1}  reward {window.mean('mean_reward'):.3f}  "
+                            f"p99 {window.mean('p99_ms'):.1f} ms  acc {window.mean('accuracy'):.2f}  "
+                            f"eps {agent.epsilon:.3f}  loss {window.mean('loss'):.4g}  "
+                            f"{rate:.1f} ep/s  ETA {_format_eta((episodes - done) / rate)}",
+                            file=sys.stderr,
+                        )
+                    window = _Window()
+                stopping = latch.requested or (stop_after is not None and done >= stop_after)
+                if done % settings.checkpoint_every == 0 or (stopping and done < episodes):
+                    save(done)
+                if stopping and done < episodes:
+                    resume_cmd = f"lbproxy --mode train --env sim --resume --run-dir {run_dir}"
+                    print(
+                        f"lbproxy: stopped after episode {done}; checkpoint saved. Resume with: {resume_cmd}",
+                        file=sys.stderr,
+                    )
+                    return EXIT_INTERRUPTED
+    finally:
+        writer.close()
+
+    wall = wall_before + (time.perf_counter() - t0)
+    meta = {
+        "trained_by": "lbproxy --mode train --env sim",
+        "episodes": episodes,
+        "wall_s": round(wall, 1),
+        "device": str(device),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in fp.items()},
+    }
+    final = run_dir / "dqn_final.pth"
+    save_model(final, learner.online, meta)
+    print(f"lbproxy: done: {episodes} episodes in {_format_eta(wall)}; model {final}", file=sys.stderr)
+    return 0
