@@ -277,6 +277,15 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError(_describe(exc.errors()[0])) from None
     except ValueError as exc:  # e.g. a TOML syntax error
         raise ConfigError(f"cannot read configuration: {exc}") from None
+    if settings.mode == "serve" and settings.model is not None and settings.policy != "dqn":
+        # `lbproxy --mode serve --model dqn_final.pth` means "serve this model": a model implies the dqn
+        # policy unless another policy was asked for explicitly, which would silently ignore the model.
+        if "policy" in settings.model_fields_set:
+            raise ConfigError(
+                f"invalid setting --model (LBPROXY_MODEL): a model is only used by --policy dqn, "
+                f"not {settings.policy!r}; drop --model or use --policy dqn"
+            )
+        settings.policy = "dqn"
     if settings.cluster_file is not None and not settings.backends:
         settings.backends = backends_from_cluster_file(settings.cluster_file)
     return settings

@@ -102,3 +102,10 @@ def test_too_many_backends() -> None:
     urls = ",".join(f"http://127.0.0.1:{8000 + i}" for i in range(17))
     with pytest.raises(ConfigError, match="at most 16"):
         load_settings({"backends": urls})
+
+
+def test_model_implies_dqn_policy(tmp_path: Path) -> None:
+    model = tmp_path / "dqn_final.pth"
+    assert load_settings({"mode": "serve", "model": str(model)}).policy == "dqn"
+    with pytest.raises(ConfigError, match="only used by --policy dqn"):
+        load_settings({"mode": "serve", "model": str(model), "policy": "p2c"})
