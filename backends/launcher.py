@@ -119,6 +119,9 @@ def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=1.0) as resp:
             return 200 <= int(resp.status) < 300
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the open socket (e.g. a paused server's 503); never leave that to the GC
+        return False
     except (urllib.error.URLError, OSError):
         return False
 

@@ -1,7 +1,9 @@
 """The emulated backends (backends/): real `python -m backends` processes on free loopback ports.
 
 Latency checks compare two measurements taken side by side (ratios with generous bounds), never an
-absolute duration, because the machine is shared.
+absolute duration, because the machine is shared. `X-Service-Time` is measured (the time the
+emulated service really slept), so CPU contention only ever adds to it: for the constant service
+model the minimum over a few requests is the estimate closest to the configured time.
 """
 
 from __future__ import annotations
@@ -180,14 +182,16 @@ async def test_run_schedule_resumes_mid_way() -> None:
             ScheduledFault(at_s=0.0, slowdown=3.0),
             ScheduledFault(at_s=0.05, pause_s=30.0),
             ScheduledFault(at_s=0.1, crash=True),
-            ScheduledFault(at_s=0.3, error_rate=0.5),
+            ScheduledFault(at_s=0.6, error_rate=0.5),
         )
     )
     state, crashes = FaultState(), []
     task = asyncio.create_task(run_schedule(sch, state, lambda: crashes.append(1), start_s=0.2))
-    await asyncio.sleep(0.01)
+    # One loop pass runs the task's first step, which replays the past faults without awaiting; the
+    # next fault is 0.4 s of schedule time away, so a descheduled test process cannot race it.
+    await asyncio.sleep(0)
     assert (state.slowdown, state.paused, state.error_rate, crashes) == (3.0, True, 0.0, [])
-    await asyncio.wait_for(task, 5.0)
+    await asyncio.wait_for(task, 30.0)
     assert state.error_rate == 0.5 and crashes == []
     state.reset()
 
@@ -225,18 +229,20 @@ def test_classes_are_ordered(wide: Proc) -> None:
     heavy = statistics.median(service_times(wide.port, "/api/heavy", 20))
     light = statistics.median(service_times(wide.port, "/api/light", 20))
     static = statistics.median(service_times(wide.port, "/static/app.js", 20))
-    assert heavy > 2 * light and light > static  # means 50 / 10 / 2 ms
+    # means 50 / 10 / 2 ms (medians ~35 / 7 / 1.4); 1.5x, not 2x, leaves room for wake-up delays
+    # that a loaded machine adds to every sleep alike
+    assert heavy > 1.5 * light and light > static
 
 
 def test_speed_factor_halves_service_time(speed1: Proc, speed2: Proc) -> None:
-    slow = statistics.median(service_times(speed1.port, "/api/light", 6, concurrency=2))
-    fast = statistics.median(service_times(speed2.port, "/api/light", 6, concurrency=2))
+    slow = min(service_times(speed1.port, "/api/light", 6, concurrency=2))
+    fast = min(service_times(speed2.port, "/api/light", 6, concurrency=2))
     assert 0.3 < fast / slow < 0.75  # 20 ms vs 40 ms constant
 
 
 def test_class_speed_flag(speed2: Proc) -> None:
-    heavy = statistics.median(service_times(speed2.port, "/api/heavy", 4, concurrency=2))
-    light = statistics.median(service_times(speed2.port, "/api/light", 4, concurrency=2))
+    heavy = min(service_times(speed2.port, "/api/heavy", 4, concurrency=2))
+    light = min(service_times(speed2.port, "/api/light", 4, concurrency=2))
     assert heavy / light > 2.5  # heavy=0.25: 80 ms vs 20 ms
 
 
@@ -247,7 +253,7 @@ def test_latency_grows_when_load_exceeds_workers(speed1: Proc) -> None:
         assert status == 200
         return time.perf_counter() - t0, float(headers["X-Queue-Wait"])
 
-    alone = statistics.median(latency(0)[0] for _ in range(3))
+    alone = min(latency(0)[0] for _ in range(3))
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(latency, range(8)))  # 8 requests, 2 workers: 4 rounds of 40 ms
     p50 = statistics.median(r[0] for r in results)
@@ -256,7 +262,7 @@ def test_latency_grows_when_load_exceeds_workers(speed1: Proc) -> None:
 
 
 def test_slowdown_error_rate_pause_and_reset(speed1: Proc) -> None:
-    base = statistics.median(service_times(speed1.port, "/api/light", 2, concurrency=1))
+    base = min(service_times(speed1.port, "/api/light", 2, concurrency=1))
     status, _, body = post_json(speed1.port, "/admin/fault", {"slowdown": 5.0})
     assert status == 200 and json.loads(body)["slowdown"] == 5.0
     slowed = statistics.median(service_times(speed1.port, "/api/light", 2, concurrency=2))
@@ -360,7 +366,7 @@ def test_hang_ups_and_sigterm_while_paused_are_clean() -> None:
                     got = 0
                     while got < 1_000_000:
                         got += len(s.recv(65536))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and json.loads(call(proc.port, "GET", "/admin/state")[2])["busy"]:
             time.sleep(0.05)
         assert call(proc.port, "GET", "/api/light")[0] == 200
@@ -371,7 +377,7 @@ def test_hang_ups_and_sigterm_while_paused_are_clean() -> None:
         time.sleep(0.2)
         proc.popen.send_signal(signal.SIGTERM)
         assert proc.popen.wait(8) == 0  # well inside launchers' and tests' stop timeouts
-        hung.join(5)
+        hung.join(30)
         assert outcome and outcome[0] != 200
     finally:
         proc.stop()
@@ -499,10 +505,10 @@ def test_cluster_restarts_a_crashed_server(tmp_path: Path) -> None:
         port = spec.servers[0].port
         first = cluster.pids()[0]
         assert post_json(port, "/admin/fault", {"crash": True})[0] == 200
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and cluster.pids() in ([], [first]):
             time.sleep(0.05)
-        wait_http_ok(f"http://{LOOPBACK}:{port}/health")
+        wait_http_ok(f"http://{LOOPBACK}:{port}/health", timeout_s=30)
         assert cluster.pids() and cluster.pids()[0] != first
 
 
@@ -519,10 +525,10 @@ def test_cluster_restarts_a_crashed_server_at_its_scheduled_recover(tmp_path: Pa
     with Cluster(load_cluster(f), fault_schedule=f) as cluster:  # no restart_after_s: only `recover` revives
         first = cluster.pids()[0]
         assert post_json(port, "/admin/fault", {"crash": True})[0] == 200
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and cluster.pids() in ([], [first]):
             time.sleep(0.05)
-        wait_http_ok(f"http://{LOOPBACK}:{port}/health")
+        wait_http_ok(f"http://{LOOPBACK}:{port}/health", timeout_s=30)
         assert cluster.pids() and cluster.pids()[0] != first
 
 
@@ -577,7 +583,7 @@ def test_children_exit_when_the_launcher_is_killed(tmp_path: Path) -> None:
         pids = [json.loads(call(p, "GET", "/admin/state")[2])["pid"] for p in ports]
         proc.kill()  # SIGKILL: the launcher cannot clean up; the children notice they were orphaned
         proc.wait()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(pid_gone(p) for p in pids):
             time.sleep(0.1)
         assert all(pid_gone(p) for p in pids)

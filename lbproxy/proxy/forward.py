@@ -279,10 +279,13 @@ class Forwarder:
                     if other is None and kind == "disconnect":
                         # A keep-alive connection the backend closed as we reused it: with no other
                         # backend, the same one on a fresh connection is the safe retry.
-                        other, fresh = idx, True
+                        other = idx
                     if other is not None:
+                        # Always a fresh connection: the other backend's pooled ones may be just as
+                        # stale (backends' idle timeouts often fire together after a lull), and
+                        # there is only this one retry.
                         self.metrics.retries.inc()
-                        idx, did, attempt = other, -1, 1
+                        idx, did, attempt, fresh = other, -1, 1, True
                         continue
                 return _text(status)
             break
