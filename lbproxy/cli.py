@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-scenarios", action="store_true", help="List the shipped simulator scenarios.")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = (field.description or "") + f" [env LBPROXY_{name.upper()}]"
+        # argparse %-formats help strings: escape literal percent signs ("50%") in descriptions.
+        help_text = (field.description or "").replace("%", "%%") + f" [env LBPROXY_{name.upper()}]"
         ann = field.annotation
         if ann is bool:
             parser.add_argument(
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             dest=name,
             default=None,
             choices=choices,
-            metavar=None if choices else "VALUE",
+            metavar=None if choices else name.upper(),
             help=help_text + f" (default: {default})",
         )
     return parser

@@ -117,3 +117,16 @@ def test_startup_line_and_sigterm_exit_zero() -> None:
     assert "Traceback" not in text
     assert f"serving http://{LOOPBACK}:{port} with policy p2c" in text
     assert f"admin http://{LOOPBACK}:{admin}" in text
+
+
+def test_help_lists_every_setting() -> None:
+    import subprocess
+    import sys
+
+    from lbproxy.config import Settings
+
+    proc = subprocess.run([sys.executable, "-m", "lbproxy", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in proc.stdout
+    assert "lbproxy demo" in proc.stdout and "Traceback" not in proc.stderr
