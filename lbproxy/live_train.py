@@ -25,25 +25,10 @@ from lbproxy.config import ConfigError, Settings
 from lbproxy.observe import MAX_BACKENDS, WindowStats, WindowSummary, feature_dim
 from lbproxy.policies.dqn import DqnRuntime, EpisodeTracker, create_dqn_runtime
 from lbproxy.serve import run_async
-from lbproxy.telemetry import CsvMetricsWriter, Metrics
+from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter, Metrics
 
-CSV_FIELDS = (
-    "episode",
-    "phase",
-    "mean_reward",
-    "gini",
-    "accuracy",
-    "mean_ms",
-    "p50_ms",
-    "p99_ms",
-    "error_rate",
-    "loss",
-    "epsilon",
-    "updates",
-    "wall_s",
-)
-"""The simulator trainer's columns (lbproxy.rl.trainer.METRIC_FIELDS; a test keeps them equal), so one
-plot command reads both. phase = "live"; a row pools the decisions of the episodes it closes."""
+CSV_FIELDS = TRAINING_METRIC_FIELDS
+"""A row pools the decisions of the episodes it closes."""
 LIVE_FORMAT = "lbproxy-live/1"
 PROGRESS_EVERY_EPISODES = 10
 DRAIN_TIMEOUT_S = 10.0

@@ -71,6 +71,25 @@ class Metrics:
         self.episode = Gauge("lbproxy_episode", "Current training episode", registry=r)
 
 
+TRAINING_METRIC_FIELDS = (
+    "episode",
+    "phase",
+    "mean_reward",
+    "gini",
+    "accuracy",
+    "mean_ms",
+    "p50_ms",
+    "p99_ms",
+    "error_rate",
+    "loss",
+    "epsilon",
+    "updates",
+    "wall_s",
+)
+"""Columns of RUN_DIR/metrics/training_metrics.csv, written by the simulator trainer and by live training
+alike (phase = "live" there), so `lbproxy plot` reads both."""
+
+
 class CsvMetricsWriter:
     """Appends rows to a CSV, writing the header once; flushed and fsynced per row so a crash loses
     nothing that was reported. Re-opening an existing file (on --resume) keeps its rows."""

@@ -121,13 +121,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
         assert needle in lines[0], lines[0]
 
 
-def test_live_csv_columns_match_the_simulator_trainer() -> None:
-    from lbproxy.live_train import CSV_FIELDS
-    from lbproxy.rl.trainer import METRIC_FIELDS
-
-    assert CSV_FIELDS == METRIC_FIELDS
-
-
 def test_serve_rejects_a_model_with_the_wrong_action_count(tmp_path: Path) -> None:
     from lbproxy.rl.checkpoint import save_model
 

@@ -57,7 +57,7 @@ from lbproxy.observe import (
     is_accurate,
 )
 from lbproxy.phases import phase_index_for_episode
-from lbproxy.telemetry import CsvMetricsWriter
+from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter
 
 TRAIN_FORMAT = "lbproxy-train/1"
 EXIT_INTERRUPTED = 130
@@ -73,21 +73,7 @@ The two sets are disjoint for seeds below 2**32 - 1e6 and fewer than 1e6 episode
 PROGRESS_MIN_INTERVAL_S = 5.0
 """At most one progress line per this many wall seconds (plus the first and the last)."""
 
-METRIC_FIELDS = (
-    "episode",
-    "phase",
-    "mean_reward",
-    "gini",
-    "accuracy",
-    "mean_ms",
-    "p50_ms",
-    "p99_ms",
-    "error_rate",
-    "loss",
-    "epsilon",
-    "updates",
-    "wall_s",
-)
+METRIC_FIELDS = TRAINING_METRIC_FIELDS
 """Columns of metrics/training_metrics.csv; each row averages the per-episode statistics of the
 `metrics_every` episodes it closes (loss: mean of the episodes' last losses, NaN before learning)."""
 
