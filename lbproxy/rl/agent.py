@@ -28,7 +28,7 @@ from torch import nn
 from lbproxy.observe import MAX_BACKENDS, ClusterView, Outcome, action_mask, encode_state, feature_dim, reward
 from lbproxy.policies.base import NoBackendAvailable
 from lbproxy.rl.learner import DqnConfig, Learner
-from lbproxy.rl.network import QNetwork
+from lbproxy.rl.network import NumpyWeights, QNetwork, numpy_q
 from lbproxy.rl.replay import ReplayBuffer, rng_state_from_primitives, rng_state_to_primitives
 from lbproxy.rl.schedule import EpsilonSchedule
 
@@ -58,24 +58,19 @@ class NumpyQ:
         n = self.net
         lin1, lin2 = cast(nn.Linear, n.body[0]), cast(nn.Linear, n.body[2])
         # `x @ W.T` with W (out, in): the transposed view costs nothing and BLAS handles the stride.
-        self.w1, self.b1 = arr(lin1.weight).T, arr(lin1.bias)
-        self.w2, self.b2 = arr(lin2.weight).T, arr(lin2.bias)
-        self.w3, self.b3 = arr(n.head.weight).T, arr(n.head.bias)
-        self.wv = arr(n.value.weight).T if n.value is not None else None
-        self.bv = arr(n.value.bias) if n.value is not None else None
+        self.weights = NumpyWeights(
+            w1=arr(lin1.weight).T,
+            b1=arr(lin1.bias),
+            w2=arr(lin2.weight).T,
+            b2=arr(lin2.bias),
+            w3=arr(n.head.weight).T,
+            b3=arr(n.head.bias),
+            wv=arr(n.value.weight).T if n.value is not None else None,
+            bv=arr(n.value.bias) if n.value is not None else None,
+        )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        h = x @ self.w1
-        h += self.b1
-        np.maximum(h, 0.0, out=h)
-        h2 = h @ self.w2
-        h2 += self.b2
-        np.maximum(h2, 0.0, out=h2)
-        q = h2 @ self.w3
-        q += self.b3
-        if self.wv is not None and self.bv is not None:
-            q = (h2 @ self.wv + self.bv) + q - q.mean(axis=-1, keepdims=True)
-        return q
+        return numpy_q(self.weights, x)
 
 
 class DqnAgent:

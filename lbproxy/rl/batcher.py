@@ -28,13 +28,12 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from lbproxy.rl.network import QNetwork, masked_argmax
+from lbproxy.rl.network import NumpyWeights, QNetwork, masked_argmax, numpy_q
 
 Backend = Literal["numpy", "torch", "thread", "cuda"]
 
@@ -43,28 +42,6 @@ _Entry = tuple[np.ndarray, np.ndarray, "asyncio.Future[int]"]
 
 DEADLINE_MISSED = -1
 """`decide` returns this when the answer came later than the deadline (the caller falls back)."""
-
-
-@dataclass(frozen=True, slots=True)
-class NumpyWeights:
-    """An immutable float32 copy of a QNetwork's parameters, laid out for `x @ W` (weights transposed)."""
-
-    w1: np.ndarray
-    b1: np.ndarray
-    w2: np.ndarray
-    b2: np.ndarray
-    w3: np.ndarray
-    b3: np.ndarray
-    wv: np.ndarray | None
-    bv: np.ndarray | None
-
-    @property
-    def obs_dim(self) -> int:
-        return int(self.w1.shape[0])
-
-    @property
-    def n_actions(self) -> int:
-        return int(self.w3.shape[1])
 
 
 def prepare_weights(state_dict: Mapping[str, torch.Tensor]) -> NumpyWeights:
@@ -88,22 +65,6 @@ def prepare_weights(state_dict: Mapping[str, torch.Tensor]) -> NumpyWeights:
         wv=t("value.weight") if dueling else None,
         bv=b("value.bias") if dueling else None,
     )
-
-
-def numpy_q(w: NumpyWeights, x: np.ndarray) -> np.ndarray:
-    """Q-values for a (batch, obs_dim) float32 array: the same MLP as QNetwork.forward."""
-    h = x @ w.w1
-    h += w.b1
-    np.maximum(h, 0.0, out=h)
-    h2 = h @ w.w2
-    h2 += w.b2
-    np.maximum(h2, 0.0, out=h2)
-    q = h2 @ w.w3
-    q += w.b3
-    if w.wv is not None and w.bv is not None:
-        v = h2 @ w.wv + w.bv
-        q = v + q - q.mean(axis=-1, keepdims=True)
-    return q
 
 
 def numpy_masked_argmax(q: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -6,6 +6,9 @@ the problem is close to a contextual bandit, so depth buys little.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,3 +45,43 @@ class QNetwork(nn.Module):
 def masked_argmax(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Argmax over valid actions only; invalid actions get -inf."""
     return q.masked_fill(~mask, float("-inf")).argmax(dim=-1)
+
+
+@dataclass(frozen=True, slots=True)
+class NumpyWeights:
+    """A QNetwork's parameters as float32 NumPy arrays laid out for `x @ W` (weights transposed): fresh
+    copies for the live engine (rl/batcher.prepare_weights), or views of CPU parameters for the
+    simulator agent (rl/agent.NumpyQ)."""
+
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    w3: np.ndarray
+    b3: np.ndarray
+    wv: np.ndarray | None
+    bv: np.ndarray | None
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.w1.shape[0])
+
+    @property
+    def n_actions(self) -> int:
+        return int(self.w3.shape[1])
+
+
+def numpy_q(w: NumpyWeights, x: np.ndarray) -> np.ndarray:
+    """Q-values for a (batch, obs_dim) float32 array: the same MLP as QNetwork.forward."""
+    h = x @ w.w1
+    h += w.b1
+    np.maximum(h, 0.0, out=h)
+    h2 = h @ w.w2
+    h2 += w.b2
+    np.maximum(h2, 0.0, out=h2)
+    q = h2 @ w.w3
+    q += w.b3
+    if w.wv is not None and w.bv is not None:
+        v = h2 @ w.wv + w.bv
+        q = v + q - q.mean(axis=-1, keepdims=True)
+    return q
