@@ -343,31 +343,14 @@ class Simulator:
             times, classes, units, err_draws = self._arrivals.draw(chunk)
             for k in range(chunk):
                 t = times[k]
-                if next_ctrl <= t:
-                    # Rare path: interleave faults with completions in time order.
-                    while True:
-                        nc = pending[0][0] if pending else _INF
-                        if next_ctrl <= t and next_ctrl < nc:
-                            self._apply_control()
-                            next_ctrl = control[0][0] if control else _INF
-                        elif nc <= t:
-                            fin, d, b, c, lat, er, st = heappop(pending)
-                            out = Outcome(b, c, lat, er, d, st)
-                            on_complete(out, fin)
-                            observe(out, view, fin)
-                            lat_append(lat)
-                            if er:
-                                errors += 1
-                                consecutive[b] += 1
-                                if consecutive[b] >= eject_after:
-                                    self._eject(b, fin)
-                            elif consecutive[b]:
-                                consecutive[b] = 0
-                        else:
-                            break
-                    next_ctrl = control[0][0] if control else _INF
-                else:
-                    while pending and pending[0][0] <= t:
+                # Completions up to t, interleaved in time order with control events (faults,
+                # surges, re-admission after ejection); with none pending, next_ctrl is infinite.
+                while True:
+                    nc = pending[0][0] if pending else _INF
+                    if next_ctrl <= t and next_ctrl < nc:
+                        self._apply_control()
+                        next_ctrl = control[0][0] if control else _INF
+                    elif nc <= t:
                         fin, d, b, c, lat, er, st = heappop(pending)
                         out = Outcome(b, c, lat, er, d, st)
                         on_complete(out, fin)
@@ -381,6 +364,8 @@ class Simulator:
                                 next_ctrl = control[0][0]
                         elif consecutive[b]:
                             consecutive[b] = 0
+                    else:
+                        break
                 c = classes[k]
                 i = choose(c, view, t)
                 if record:
