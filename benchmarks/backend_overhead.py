@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,11 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import CONNECTIONS, TASKSET, machine, pinned, run_wrk  # noqa: E402
 from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
 
-WRK = shutil.which("wrk") or "/usr/bin/wrk"
-TASKSET = shutil.which("taskset")
-CONNECTIONS = 64  # ANCHORS.md: 64 connections
 BARE_SERVER = """
 import sys, uvloop
 from aiohttp import web
@@ -46,10 +41,6 @@ app.router.add_route('*', '/{tail:.*}', h)
 uvloop.install()
 web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), access_log=None, print=None)
 """
-
-
-def pinned(cpu: int, args: list[str]) -> list[str]:
-    return [TASKSET, "-c", str(cpu), *args] if TASKSET and (os.cpu_count() or 1) > 1 else args
 
 
 def start(kind: str) -> Proc:
@@ -69,15 +60,8 @@ def start(kind: str) -> Proc:
 
 
 def wrk(url: str, duration_s: int) -> tuple[float, str]:
-    out = subprocess.run(
-        pinned(1, [WRK, "-t1", f"-c{CONNECTIONS}", f"-d{duration_s}s", "--latency", url]),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+(\S+)", out)
-    return rps, p99.group(1) if p99 else "?"
+    run = run_wrk(url, duration_s)
+    return run.rps, f"{run.p99_ms:.2f}ms"
 
 
 def main() -> int:
@@ -109,8 +93,7 @@ def main() -> int:
             "# Emulated backend vs bare aiohttp (requests/s, one process)",
             "",
             f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- machine: {platform.machine()}, {os.cpu_count()} vCPU, Python {platform.python_version()}, "
-            f"{platform.platform()}",
+            f"- machine: {machine()}",
             f"- command: `.venv/bin/python benchmarks/backend_overhead.py --duration {args.duration} "
             f"--rounds {args.rounds}`",
             f"- wrk -t1 -c{CONNECTIONS}, server pinned to CPU 0 and wrk to CPU 1 "

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +32,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from common import machine  # noqa: E402
 
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, action_mask, encode_state  # noqa: E402
 from lbproxy.policies import HEURISTICS, PeakEwma, make_policy  # noqa: E402
@@ -175,21 +174,6 @@ def measure(iterations: int, trials: int) -> list[tuple[str, dict[int, float]]]:
             samples[key].append(time_once(*cases[key]))
     labels = list(dict.fromkeys(label for label, _ in cases))
     return [(label, {n: statistics.median(samples[label, n]) for n in BACKEND_COUNTS}) for label in labels]
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return (
-        f"{model}, nproc {os.cpu_count()}, Linux {platform.release()}, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__}"
-    )
 
 
 def render(rows: list[tuple[str, dict[int, float]]], command: str, note: str, iterations: int, trials: int) -> str:

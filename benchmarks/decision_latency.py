@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +24,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from common import machine  # noqa: E402
 
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS  # noqa: E402
 from lbproxy.rl.batcher import InferenceEngine  # noqa: E402
@@ -97,20 +96,6 @@ async def time_decide(engine: InferenceEngine, concurrency: int, rounds: int) ->
             await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(concurrency)))
         trials.append((time.perf_counter_ns() - t0) / 1000.0 / (rounds * concurrency))
     return sorted(trials)[len(trials) // 2]
-
-
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"{cpu}, {os.cpu_count()} vCPU, {platform.system()} {platform.release()}, Python {platform.python_version()},"
-        f" torch {torch.__version__}, numpy {np.__version__}, GPU: {gpu}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

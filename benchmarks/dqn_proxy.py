@@ -18,8 +18,6 @@ import argparse
 import contextlib
 import datetime as dt
 import os
-import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,17 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
+from common import CONNECTIONS, TASKSET, machine, pinned, run_wrk  # noqa: E402
 from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
 
-WRK = shutil.which("wrk") or "/usr/bin/wrk"
-TASKSET = shutil.which("taskset")
-CONNECTIONS = 64  # ANCHORS.md: 64 connections
 LEARNER_WARMUP_S = 60.0
 """Longest wait for an online learner's first update (a spawned learner process imports torch first)."""
-
-
-def pinned(cpu: int, args: list[str]) -> list[str]:
-    return [TASKSET, "-c", str(cpu), *args] if TASKSET and (os.cpu_count() or 1) > 1 else args
 
 
 def spawn(args: list[str], cpu: int) -> subprocess.Popen[bytes]:
@@ -97,33 +89,6 @@ def cpu_s(pid: int) -> float:
             for child in task.read_text().split():
                 total += cpu_s(int(child))
     return total
-
-
-def to_ms(value: str) -> float:
-    m = re.match(r"([\d.]+)(us|ms|s)", value)
-    if not m:
-        return float("nan")
-    v, unit = float(m.group(1)), m.group(2)
-    return v / 1000.0 if unit == "us" else v * 1000.0 if unit == "s" else v
-
-
-def run_wrk(url: str, duration_s: int) -> dict[str, float]:
-    out = subprocess.run(
-        pinned(1, [WRK, "-t1", f"-c{CONNECTIONS}", f"-d{duration_s}s", "--latency", url]),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = re.search(r"\s50%\s+(\S+)", out)
-    p99 = re.search(r"\s99%\s+(\S+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {
-        "rps": rps,
-        "p50_ms": to_ms(p50.group(1)) if p50 else float("nan"),
-        "p99_ms": to_ms(p99.group(1)) if p99 else float("nan"),
-        "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
-    }
 
 
 def make_model(path: Path, hidden: int = 128) -> None:
@@ -194,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 c0 = cpu_s(proxy.popen.pid)
                 u0, t0 = metric(proxy.admin_url, "lbproxy_learner_updates_total"), time.monotonic()
                 f0 = metric(proxy.admin_url, "lbproxy_decision_fallbacks_total")
-                r = run_wrk(proxy.url + "/api/light", args.duration)
+                r = run_wrk(proxy.url + "/api/light", args.duration).as_dict()
                 u1, t1 = metric(proxy.admin_url, "lbproxy_learner_updates_total"), time.monotonic()
                 r["updates_per_s"] = (u1 - u0) / (t1 - t0)
                 # CPU per request is the figure least moved by other work on a shared machine.
@@ -224,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     base = med("round_robin", "rps")
     lines = [
         "| config | req/s (median) | vs round_robin | CPU µs/req | p50 ms | p99 ms | learner updates/s | fallbacks %"
-        " | non-2xx |",
+        " | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in configs:
@@ -232,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'rps') / base:.3f} | {med(name, 'cpu_us_per_req'):.0f} | "
             f"{med(name, 'p50_ms'):.2f} | "
             f"{med(name, 'p99_ms'):.2f} | {med(name, 'updates_per_s'):.0f} | {med(name, 'fallback_pct'):.2f} | "
-            f"{med(name, 'non2xx'):.0f} |"
+            f"{med(name, 'errors'):.0f} |"
         )
     cpu_ratio = med("round_robin", "cpu_us_per_req") / med("dqn", "cpu_us_per_req")
     lines += [
@@ -242,15 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         " target >= 0.95)",
     ]
     print("\n".join(lines))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     text = [
         "# Proxy throughput: dqn vs round_robin (same run)",
         "",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {model_name}, {os.cpu_count()} vCPU, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        f"- machine: {machine()}",
         f"- command: `{cmd}`",
         f"- load: wrk -t1 -c{CONNECTIONS} -d{args.duration}s --latency on /api/light, "
         f"{args.rounds} interleaved rounds over proxies started once; "

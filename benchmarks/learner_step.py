@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
+import functools
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,11 +29,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common import machine  # noqa: E402
+
 from lbproxy.config import Settings  # noqa: E402
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome, encode_state  # noqa: E402
 from lbproxy.rl.agent import DqnAgent, NumpyQ  # noqa: E402
+from lbproxy.rl.batcher import prepare_weights  # noqa: E402
 from lbproxy.rl.learner import DqnConfig, Learner  # noqa: E402
-from lbproxy.rl.network import masked_argmax  # noqa: E402
+from lbproxy.rl.network import masked_argmax, numpy_q  # noqa: E402
 from lbproxy.rl.replay import ReplayBuffer  # noqa: E402
 
 READING = """Reading: with torch's default intra-op threads (one per core) a small update is not faster,
@@ -105,9 +106,7 @@ def forward_rows(cfg: DqnConfig, trials: int) -> list[tuple[str, str, float]]:
     mask_np[:BACKENDS] = True
     mask_t = torch.from_numpy(mask_np)
     shared = NumpyQ(net, share=True)
-    copied = NumpyQ(net, share=False)
-    for name in ("w1", "w2", "w3"):  # contiguous (in, out) copies, as rl/batcher.py lays them out
-        setattr(copied, name, np.ascontiguousarray(getattr(copied, name)))
+    copied = functools.partial(numpy_q, prepare_weights(net.state_dict()))  # the live engine's contiguous copies
 
     def torch_inference() -> int:
         with torch.inference_mode():
@@ -167,20 +166,6 @@ def _training_agent_row(cfg: DqnConfig, trials: int, threads: int) -> tuple[str,
     us = median_per_call_us(step, 2000, trials)
     where = f"cpu, {threads} thread{'s' if threads > 1 else ''}"
     return (f"training agent choose+observe ({cfg.updates_per_decision} updates/decision)", where, us)
-
-
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"{cpu}, {os.cpu_count()} vCPU, {platform.system()} {platform.release()}, Python {platform.python_version()},"
-        f" torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, GPU: {gpu}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from common import machine  # noqa: E402
 
 from lbproxy.config import Settings  # noqa: E402
 from lbproxy.evaluate import evaluate_all, load_greedy_model, policy_factories  # noqa: E402
@@ -105,16 +105,6 @@ def _bar_cell(r: dict[str, Any]) -> str:
     return f"{'pass' if r['p99_pass'] else 'FAIL'} (<= {bar})"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _evaluate_model(path: Path, scenario: Any, args: argparse.Namespace, settings: Settings) -> Any:
     net, _meta = load_greedy_model(path)
     (dqn,) = evaluate_all(
@@ -181,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Learning quality (issue 3 bar)",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {_cpu_model()}, {os.cpu_count()} vCPU, 1 torch thread, "
-        f"Python {platform.python_version()}, torch {torch.__version__} (CPU); the 2-core machine was shared with "
-        "other work while this ran",
+        f"- machine: {machine()}; the 2-core machine was shared with other work while this ran",
         f"- command: `{' '.join(['python', *sys.argv])}`",
         "- default run (6000 episodes, curriculum) wall time: "
         + (args.default_wall or "see lbproxy/models/dqn_default.json"),

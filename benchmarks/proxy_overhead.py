@@ -15,11 +15,8 @@ import argparse
 import contextlib
 import datetime as dt
 import os
-import platform
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,10 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from common import LOAD_CPU, machine, pinned, run_wrk  # noqa: E402
+from support import free_port  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "proxy_overhead.md"
 BODY_BYTES = 100  # ANCHORS.md: "aiohttp+uvloop backend, direct, 100-byte body"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PROXY_CPU, LOAD_CPU = "0", "1"
+PROXY_CPU = 0
 
 
 # --- the backend: the ANCHORS one (aiohttp + uvloop, 100-byte body) ---------------------------------
@@ -55,16 +57,6 @@ def serve_backend(port: int) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pinned(cpu: str, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", cpu, *argv] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else argv
-
-
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -111,14 +103,6 @@ def cpu_seconds(pid: int, with_children: bool = False) -> float:
     return total / CLK_TCK
 
 
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
-
-
-def _dur(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
-
-
 @dataclass
 class Run:
     rps: float
@@ -134,27 +118,11 @@ class Run:
 
 
 def wrk(url: str, duration_s: float, connections: int, cpu_pid: int | None, with_children: bool = False) -> Run:
+    """One wrk run, with the CPU time `cpu_pid` (and its children, for nginx's workers) spent meanwhile."""
     cpu0 = cpu_seconds(cpu_pid, with_children) if cpu_pid else 0.0
-    out = subprocess.run(
-        pinned(LOAD_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency", url]),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    w = run_wrk(url, duration_s, connections)
     cpu = (cpu_seconds(cpu_pid, with_children) - cpu0) if cpu_pid else 0.0
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    # anchored: "76.50%" in the thread-stats table must not be read as the 50th percentile
-    p50 = _dur(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _dur(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    errs = 0
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errs += int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errs += sum(int(g) for g in m.groups())
-    return Run(rps, reqs, p50, p99, cpu, errs)
+    return Run(w.rps, w.requests, w.p50_ms / 1e3, w.p99_ms / 1e3, cpu, w.errors)
 
 
 NGINX_CONF = """
@@ -337,15 +305,11 @@ def summarise(results: dict[str, list[Run]]) -> str:
 
 
 def write_results(table: str, args: argparse.Namespace, have_nginx: bool) -> None:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu_model = m.group(1) if m else ""
     wrk_ver = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
     text = (
         "# Proxy overhead (wrk, loopback)\n\n"
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n"
-        f"- machine: {os.cpu_count()} vCPU {cpu_model}, {platform.platform()}, Python {platform.python_version()}\n"
+        f"- machine: {machine()}\n"
         f"- wrk: {' '.join(wrk_ver)}; nginx: {'yes' if have_nginx else 'not installed'}\n"
         f"- command: `.venv/bin/python benchmarks/proxy_overhead.py --duration-s {args.duration_s:g} "
         f"--rounds {args.rounds} --connections {args.connections}`\n"

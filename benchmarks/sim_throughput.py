@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import sys
 import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
+
+from common import machine
 
 from lbproxy.observe import ClusterView, Outcome
 from lbproxy.policies.base import Policy
@@ -121,18 +122,6 @@ def micro_costs_us() -> dict[str, float]:
         "Outcome(...) construction": (per_call_s(lambda: Outcome(1, 0, 0.01, False, 0, 0.01)) - base) * 1e6,
         "view.on_dispatch + view.on_complete": (per_call_s(dispatch_complete) - base) * 1e6,
     }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} vCPU, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
 def main(argv: list[str] | None = None) -> int:

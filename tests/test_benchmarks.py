@@ -1,0 +1,89 @@
+"""Every benchmark script runs end to end with tiny settings and writes its result file.
+
+The numbers are not checked (no timing assertions): this keeps the committed scripts runnable, so
+each result under benchmarks/results/ stays reproducible with the command it records.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+CPU_ONLY = {
+    "decision_cost": ["--iterations", "2000", "--trials", "1"],
+    "decision_latency": ["--repeats", "50"],
+    "learner_step": ["--trials", "1"],
+    "sim_throughput": ["--decisions", "5000", "--repeats", "1"],
+}
+WITH_WRK = {
+    "backend_overhead": ["--duration", "1", "--rounds", "1"],
+    "dqn_proxy": ["--duration", "1", "--rounds", "1", "--no-online"],
+}
+
+
+def run_script(name: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CPU_ONLY))
+def test_cpu_benchmark_runs(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.md"
+    run_script(name, [*CPU_ONLY[name], "--out", str(out)])
+    text = out.read_text()
+    assert "machine" in text.lower() and "|" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
+@pytest.mark.parametrize("name", sorted(WITH_WRK))
+def test_wrk_benchmark_runs(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.md"
+    run_script(name, [*WITH_WRK[name], "--out", str(out)])
+    assert "| round_robin |" in out.read_text() or "vs bare" in out.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
+def test_proxy_overhead_runs() -> None:
+    proc = run_script("proxy_overhead", ["--duration-s", "1", "--rounds", "1", "--no-write"])
+    assert "lbproxy round_robin / minimal" in proc.stdout
+
+
+@pytest.mark.slow
+def test_learning_quality_runs(tmp_path: Path) -> None:
+    out = tmp_path / "learning_quality.md"
+    run_script(
+        "learning_quality",
+        [
+            "--seeds",
+            "0",
+            "--episodes",
+            "3",
+            "--scenarios",
+            "homogeneous",
+            "--eval-episodes",
+            "1",
+            "--episode-decisions",
+            "16",
+            "--run-root",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert "homogeneous" in out.read_text()
