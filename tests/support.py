@@ -127,27 +127,11 @@ def start_backend(*extra: str, port: int | None = None, workers: int = 4, speed:
     return proc
 
 
-def start_proxy(backends: Sequence[str], *extra: str, env: dict[str, str] | None = None) -> Proc:
-    """`python -m lbproxy --mode serve ...` on free ports, ready when the admin /readyz answers."""
+def start_proxy(backends: Sequence[str], *extra: str, mode: str = "serve", env: dict[str, str] | None = None) -> Proc:
+    """`python -m lbproxy --mode MODE ...` on free ports, ready when the admin /readyz answers."""
     port, admin = free_port(), free_port()
-    p = spawn(
-        [
-            "-m",
-            "lbproxy",
-            "--mode",
-            "serve",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-            "--admin-port",
-            str(admin),
-            "--backends",
-            ",".join(backends),
-            *extra,
-        ],
-        env=env,
-    )
+    argv = ["-m", "lbproxy", "--mode", mode, "--host", LOOPBACK, "--port", str(port), "--admin-port", str(admin)]
+    p = spawn([*argv, "--backends", ",".join(backends), *extra], env=env)
     proc = Proc(p, port, admin)
     try:
         wait_http_ok(f"{proc.admin_url}/readyz", proc=p)

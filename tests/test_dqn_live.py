@@ -19,7 +19,7 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
-from support import LOOPBACK, REPO, Proc, free_port, spawn, start_backend, start_proxy, wait_http_ok
+from support import LOOPBACK, REPO, Proc, free_port, start_backend, start_proxy
 
 from lbproxy.config import Settings
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome
@@ -247,39 +247,8 @@ async def drive(
 
 
 def start_train(backends: Sequence[str], run_dir: Path, *extra: str) -> Proc:
-    port, admin = free_port(), free_port()
-    p = spawn(
-        [
-            "-m",
-            "lbproxy",
-            "--mode",
-            "train",
-            "--env",
-            "live",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-            "--admin-port",
-            str(admin),
-            "--backends",
-            ",".join(backends),
-            "--run-dir",
-            str(run_dir),
-            "--device",
-            "cpu",
-            "--health-interval-s",
-            "0",
-            *extra,
-        ]
-    )
-    proc = Proc(p, port, admin)
-    try:
-        wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=60, proc=p)
-    except Exception:
-        proc.stop()
-        raise
-    return proc
+    live = ("--env", "live", "--run-dir", str(run_dir), "--device", "cpu", "--health-interval-s", "0")
+    return start_proxy(backends, *live, *extra, mode="train")
 
 
 TINY_TRAIN = (
