@@ -110,6 +110,9 @@ class ClusterView:
     """Relative capacity (configured weight, or workers x speed in the simulator); 1.0 when unknown."""
     service_time_s: list[float] = field(default_factory=list)
     """EWMA of the per-request service time (backend-reported or simulated), falling back to latency."""
+    rate: list[float] = field(default_factory=list)
+    """Estimated requests/s each backend completes when busy: capacity / service_time_s. Kept current by
+    `on_complete` (one division per completion) so per-decision readers (SED, accuracy) allocate nothing."""
     share: list[float] = field(default_factory=list)
     last_update_s: list[float] = field(default_factory=list)
     candidates: list[int] = field(default_factory=list)
@@ -129,6 +132,7 @@ class ClusterView:
             available=[True] * n,
             capacity=cap,
             service_time_s=[DEFAULT_RTT_S] * n,
+            rate=[c / DEFAULT_RTT_S for c in cap],
             share=[0.0] * n,
             last_update_s=[0.0] * n,
         )
@@ -155,6 +159,7 @@ class ClusterView:
         self.available.append(True)
         self.capacity.append(float(capacity))
         self.service_time_s.append(DEFAULT_RTT_S)
+        self.rate.append(float(capacity) / DEFAULT_RTT_S)
         self.share.append(0.0)
         self.last_update_s.append(0.0)
         self.refresh_candidates()
@@ -187,15 +192,21 @@ class ClusterView:
         self.error_rate[i] += ERROR_EWMA_ALPHA * ((1.0 if out.error else 0.0) - self.error_rate[i])
         st = out.service_time_s if out.service_time_s is not None else rtt
         self.service_time_s[i] += 0.1 * (st - self.service_time_s[i])
+        self.rate[i] = self.capacity[i] / max(self.service_time_s[i], 1e-6)
 
     def decayed_cost(self, i: int, now_s: float) -> float:
         """Peak-EWMA cost decayed to `now_s` (tower's `PeakEwma` decays the estimate when read)."""
         w = math.exp(-max(0.0, now_s - self.last_update_s[i]) / PEAK_EWMA_TAU_S)
         return self.latency_cost_s[i] * w
 
+    def set_service_time(self, i: int, seconds: float) -> None:
+        """Set backend i's service-time estimate outright (and the rate derived from it)."""
+        self.service_time_s[i] = seconds
+        self.rate[i] = self.capacity[i] / max(seconds, 1e-6)
+
     def estimated_rate(self, i: int) -> float:
         """Requests/s backend i completes when busy: capacity over the smoothed service time."""
-        return self.capacity[i] / max(self.service_time_s[i], 1e-6)
+        return self.rate[i]
 
     def shares(self) -> list[float]:
         total = sum(self.share)

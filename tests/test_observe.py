@@ -100,3 +100,14 @@ def test_window_stats_summary() -> None:
     assert s.decisions == 4 and s.accuracy == 0.75 and s.error_rate == 0.25
     assert s.gini == 0.0 and s.p50_s == 0.02 and s.p99_s == 0.04
     assert s.mean_reward == pytest.approx(-(0.1 / 0.1) / 4 - 5.0 / 4)
+
+
+def test_rate_estimate_follows_completions() -> None:
+    v = ClusterView.create(2, capacity=[2.0, 1.0])
+    assert v.estimated_rate(0) == pytest.approx(2.0 / 0.03)
+    v.on_dispatch(0)
+    v.on_complete(Outcome(backend=0, req_class=0, latency_s=0.5, error=False, service_time_s=0.13), now_s=1.0)
+    assert v.service_time_s[0] == pytest.approx(0.04)  # 0.03 + 0.1 * (0.13 - 0.03)
+    assert v.estimated_rate(0) == pytest.approx(2.0 / 0.04)
+    v.set_service_time(1, 0.0)
+    assert v.estimated_rate(1) == pytest.approx(1.0 / 1e-6)

@@ -38,7 +38,7 @@ def scramble(view: ClusterView, rng: random.Random, now_s: float) -> None:
         view.in_flight[i] = rng.randint(0, 6)
         view.latency_cost_s[i] = rng.choice((0.001, 0.01, 0.03, 0.2, 1.5))
         view.last_update_s[i] = now_s - rng.choice((0.0, 0.5, 5.0, 60.0))
-        view.service_time_s[i] = rng.choice((0.0, 0.002, 0.01, 0.05))
+        view.set_service_time(i, rng.choice((0.0, 0.002, 0.01, 0.05)))
     view.total_in_flight = sum(view.in_flight)
 
 
@@ -364,7 +364,8 @@ def test_sed_matches_the_oracle_with_estimated_rates() -> None:
 
 def test_sed_prefers_fast_backend_until_its_queue_is_longer() -> None:
     view = ClusterView.create(2)
-    view.service_time_s[:] = [0.04, 0.01]  # backend 1 is 4x faster
+    view.set_service_time(0, 0.04)
+    view.set_service_time(1, 0.01)  # backend 1 is 4x faster
     view.in_flight[:] = [0, 2]  # (0+1)*0.04 > (2+1)*0.01
     assert ShortestExpectedDelay().choose(0, view, 0.0) == 1
     view.in_flight[:] = [0, 4]  # (0+1)*0.04 < (4+1)*0.01

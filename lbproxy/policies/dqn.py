@@ -64,8 +64,7 @@ class EpisodeTracker:
         self.on_episode: Callable[[], None] | None = None
 
     def record_decision(self, action: int, view: ClusterView) -> None:
-        rates = [view.estimated_rate(i) for i in range(view.n)]
-        self.window.record_decision(action, is_accurate(action, view.in_flight, rates, view.candidates))
+        self.window.record_decision(action, is_accurate(action, view.in_flight, view.rate, view.candidates))
         if self.window.decisions >= self.episode_decisions:
             self.completed.append(self.window)
             self.window = WindowStats(max(self.n, view.n), self.latency_scale_s, self.error_penalty)

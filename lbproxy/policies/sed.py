@@ -36,16 +36,13 @@ class ShortestExpectedDelay:
         if not cands:
             raise NoBackendAvailable("no backend is available")
         in_flight = view.in_flight
-        capacity = view.capacity
-        service = view.service_time_s
+        rates = view.rate
         best = -1
         lo_bound = math.inf  # d must be below this to become the new best: best_d * (1 - tol)
         hi_bound = math.inf  # ... and at most this to tie with it: best_d * (1 + tol)
         ties = 0
         for i in cands:
-            # Inlined `view.estimated_rate(i)` (same expression, so the same float as sed_choices sees).
-            st = service[i]
-            rate = capacity[i] / (st if st > 1e-6 else 1e-6)
+            rate = rates[i]
             d = (in_flight[i] + 1) / rate if rate > 0 else math.inf
             if d < lo_bound:
                 best, lo_bound, hi_bound, ties = i, d * _LO, d * _HI, 1

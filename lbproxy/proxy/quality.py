@@ -28,8 +28,7 @@ class QualityWindow:
     def record_decision(self, action: int) -> None:
         """Call BEFORE `view.on_dispatch`: accuracy compares with the oracle on the state the policy saw."""
         v = self.view
-        rate = [v.estimated_rate(i) for i in range(v.n)]
-        self.window.record_decision(action, is_accurate(action, v.in_flight, rate, v.candidates))
+        self.window.record_decision(action, is_accurate(action, v.in_flight, v.rate, v.candidates))
 
     def record_outcome(self, out: Outcome) -> None:
         self.window.record_outcome(out)
