@@ -161,8 +161,10 @@ async def test_process_learner_updates_and_publishes_weights() -> None:
         assert lrn.error is None
         assert 20 <= lrn.updates <= 40
         assert rt.engine.version > version0
+        # The child may still be spending its update budget (200 decisions x 0.2 = 40) meanwhile.
+        before = lrn.updates
         snap = await asyncio.to_thread(lrn.snapshot)
-        assert int(snap["updates"]) == lrn.updates
+        assert before <= int(snap["updates"]) <= lrn.updates
     finally:
         await rt.stop()
     assert not lrn.running
