@@ -50,6 +50,18 @@ def machine() -> str:
     return ", ".join(parts)
 
 
+def command(argv: list[str] | None) -> str:
+    """The command line that reproduces this run, for the results file."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_result(out: Path, lines: list[str]) -> None:
+    """Write a results file (blank lines kept, `None` entries dropped) and say where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(line for line in lines if line is not None) + "\n")
+    print(f"wrote {out}")
+
+
 def pinned(cpu: int, argv: list[str]) -> list[str]:
     """`argv` pinned to one CPU with taskset where there is more than one CPU to pin to."""
     return [TASKSET, "-c", str(cpu), *argv] if TASKSET and (os.cpu_count() or 1) > 1 else argv

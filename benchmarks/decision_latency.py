@@ -4,8 +4,9 @@
 
 Times one forward pass + masked argmax (what the inference engine runs per batch) for the
 production network shape (FEATURE_DIM -> 128 -> 128 -> MAX_BACKENDS), copies in and out included
-on the GPU. Also times the whole `await engine.decide()` round trip for N concurrent requests on the
-event loop (uvloop), which is what a proxy request pays. Prints p50/p99 per pass and ns/decision.
+on the GPU. Also times a whole decision of the dqn policy for N requests arriving in one loop
+iteration (uvloop), which is what a proxy request pays, next to round robin in the same harness.
+Prints p50/p99 per pass and ns/decision.
 On an H200 the same command adds the GPU rows (targets: >= 20 M decisions/s at batch 8192, p99 <=
 100 µs at batch <= 512); without CUDA it prints "skipped: no CUDA".
 """
@@ -18,6 +19,7 @@ import datetime as dt
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +27,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import machine  # noqa: E402
+from common import command, machine, write_result  # noqa: E402
 
-from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS  # noqa: E402
+from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome  # noqa: E402
+from lbproxy.policies import make_policy  # noqa: E402
+from lbproxy.policies.base import AsyncPolicy  # noqa: E402
+from lbproxy.policies.dqn import DqnPolicy  # noqa: E402
 from lbproxy.rl.batcher import InferenceEngine  # noqa: E402
 from lbproxy.rl.network import QNetwork  # noqa: E402
 
@@ -83,17 +88,37 @@ def time_staged(engine: InferenceEngine, k: int, repeats: int) -> tuple[float, f
     return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-async def time_decide(engine: InferenceEngine, concurrency: int, rounds: int) -> float:
-    """µs per decision for `concurrency` concurrent decide() calls, gather and task overhead included
-    (median of TRIALS)."""
-    states, masks = inputs(concurrency)
+async def time_policy(policy: Any, concurrency: int, rounds: int) -> float:
+    """µs per decision when `concurrency` requests arrive in one loop iteration, as the proxy makes
+    them: decide, then dispatch (and complete, so the view stays bounded). Median of TRIALS; the
+    harness's own cost is the round_robin row's."""
+    view = ClusterView.create(4)
+    out = Outcome(0, 0, 0.001, False)
+    is_async = isinstance(policy, AsyncPolicy)  # a runtime Protocol check costs µs: once, not per call
+
+    async def one_round() -> None:
+        pending = []
+        for _ in range(concurrency):
+            res = policy.decide(0, view, 0.0) if is_async else (policy.choose(0, view, 0.0), -1)
+            if type(res) is tuple:
+                view.on_dispatch(res[0])
+            else:
+                pending.append(res)
+        for a, _ in await asyncio.gather(*pending):
+            view.on_dispatch(a)
+        await asyncio.sleep(0)  # the next loop iteration
+        for i in range(view.n):
+            out.backend = i
+            for _ in range(view.in_flight[i]):
+                view.on_complete(out, 0.0)
+
     for _ in range(5):
-        await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(concurrency)))
+        await one_round()
     trials = []
     for _ in range(TRIALS):  # median of trials: the machine this ran on was shared
         t0 = time.perf_counter_ns()
         for _ in range(rounds):
-            await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(concurrency)))
+            await one_round()
         trials.append((time.perf_counter_ns() - t0) / 1000.0 / (rounds * concurrency))
     return sorted(trials)[len(trials) // 2]
 
@@ -149,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(gpu_note)
 
-    # The round trip a proxy request pays: enqueue, continuous batching, future resolution.
+    # What a proxy request pays for its decision: the dqn policy (state snapshot, the iteration's pass,
+    # dispatch-moved Q-values; or the off-loop round trip), next to round robin in the same harness.
     try:
         import uvloop
 
@@ -157,20 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     decide_rows = []
-    for backend in ("numpy", "thread"):
+    for backend in ("round_robin", "numpy", "thread"):
         for conc in (1, 8, 64, 256):
-            eng = InferenceEngine(FEATURE_DIM, MAX_BACKENDS, max_batch=256, cpu_backend=backend)  # type: ignore[arg-type]
-            eng.load_network(net)
+            eng = None
+            if backend == "round_robin":
+                policy: Any = make_policy("round_robin", 0)
+                where = "round_robin (harness baseline)"
+            else:
+                eng = InferenceEngine(FEATURE_DIM, MAX_BACKENDS, max_batch=256, cpu_backend=backend)  # type: ignore[arg-type]
+                eng.load_network(net)
+                policy = DqnPolicy(eng)
+                where = "dqn, inline on the loop" if backend == "numpy" else "dqn, worker thread (off-loop)"
             rounds = max(20, 4000 // conc)
-            us = runner(time_decide(eng, conc, rounds))
-            eng.close()
-            mean_batch = eng.decisions / eng.passes
-            where = "inline on the loop" if backend == "numpy" else "worker thread"
-            line = f"| CPU numpy, {where} | {conc} concurrent | {us:.2f} µs/decision | {mean_batch:.1f} |"
+            us = runner(time_policy(policy, conc, rounds))
+            mean_batch = f"{eng.decisions / eng.passes:.1f}" if eng is not None and eng.passes else "-"
+            if eng is not None:
+                eng.close()
+            line = f"| {where} | {conc} per iteration | {us:.2f} µs/decision | {mean_batch} |"
             decide_rows.append(line)
             print(line, flush=True)
 
-    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    cmd = command(argv)
     text = [
         "# Decision latency by batch size",
         "",
@@ -193,19 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         " decisions/s at batch 8192, p99 <= 100 µs at batch <= 512, copies included) need a CUDA machine:"
         " run this same command there.",
         "",
-        "## Round trip `await engine.decide()` on the event loop (uvloop): asyncio.gather of N calls per round",
+        "## A decision as the proxy pays for it (uvloop): N requests per loop iteration, 4 backends",
         "",
-        "Includes the harness's task creation and gather (~2-3 µs per call); 'worker thread' is the"
-        " off-loop pass that the CUDA path uses, run with the NumPy forward.",
+        "Each request: the policy's decision, then its dispatch; the round completes them all. The"
+        " round_robin rows are the harness's own cost. Inline, the dqn policy decides an iteration's"
+        " requests from one state snapshot and ONE pass (the first decision of the iteration pays it),"
+        " each decision moving the Q-values by its dispatch; 'worker thread' is the off-loop continuous"
+        " batching that the CUDA path uses (a future per request), run with the NumPy forward."
+        " 'mean batch' is decisions per forward pass.",
         "",
         "| path | load | cost | mean batch |",
         "|---|---|---|---|",
         *decide_rows,
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(line for line in text if line is not None) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, text)
     return 0
 
 

@@ -4,7 +4,7 @@
 
 Configurations, each a fresh proxy process on the same two backends:
   round_robin            the baseline
-  dqn                    --mode serve --policy dqn, greedy (NumPy inference, continuous batching)
+  dqn                    --mode serve --policy dqn, greedy (NumPy inference inline, one pass per loop iteration)
   dqn --online           the same plus the background learner thread (updates_per_decision from settings)
   dqn --online --learner-process   the learner in a separate process instead (shared-memory replay)
 Pinning as ANCHORS.md: the proxy alone on CPU 0, wrk and the backends on CPU 1 (when `taskset` exists).
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from common import CONNECTIONS, TASKSET, machine, pinned, run_wrk  # noqa: E402
+from common import CONNECTIONS, TASKSET, command, machine, pinned, run_wrk, write_result  # noqa: E402
 from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
 
 LEARNER_WARMUP_S = 60.0
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         " target >= 0.95)",
     ]
     print("\n".join(lines))
-    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
+    cmd = command(argv)
     text = [
         "# Proxy throughput: dqn vs round_robin (same run)",
         "",
@@ -220,15 +220,19 @@ def main(argv: list[str] | None = None) -> int:
         + ("proxy pinned to CPU 0, wrk + backends to CPU 1" if TASKSET else "no taskset: unpinned"),
         f"- dqn model: production shape (84 -> {args.hidden} -> {args.hidden} -> 16), weights set by hand to route"
         " like least "
-        "in-flight (so traffic is spread like round robin's); serve mode, greedy; NumPy inference inline",
+        "in-flight (so traffic is spread like round robin's); serve mode, greedy; NumPy inference inline, one"
+        " pass per loop iteration",
         f"- note: {args.note}" if args.note else "",
         "",
         *lines,
         "",
         "## What shaped these numbers",
         "",
-        "- Decisions are batched continuously on the loop (NumPy forward inline); OpenBLAS is capped at"
-        " one thread (its spinning pool made a 64-row pass cost ~25x more on 2 shared cores).",
+        "- Decisions are batched by loop iteration: the requests whose handlers run in one iteration are"
+        " decided from one state snapshot and one NumPy pass, inline and without suspending any handler,"
+        " each dispatch moving the Q-values the next decision sees (lbproxy/policies/dqn.py)."
+        " OpenBLAS is capped at one thread (its spinning pool made a 64-row pass cost ~25x more on 2"
+        " shared cores).",
         "- Learning: a worker thread at nice 10 (routing first; the learner gets what the loop leaves)."
         " The process variant (`--learner-process`: shared-memory replay, weights back through shared"
         " memory) avoids the GIL but on 2 cores competes for the same CPUs and pays IPC; compare its row.",
@@ -245,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         " peak_ewma because the DQN answer missed the deadline.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(text) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, text)
     return 0
 
 

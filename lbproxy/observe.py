@@ -255,6 +255,33 @@ def encode_state(
     return x
 
 
+def dispatch_states(view: ClusterView, state: np.ndarray, max_backends: int = MAX_BACKENDS) -> np.ndarray:
+    """`state` (what `encode_state` gives for `view`) followed by one row per slot in
+    `view.candidates`: the state as it will read after one more request is dispatched to that slot
+    (`ClusterView.on_dispatch`), computed without touching the view.
+
+    The live dqn policy decides a whole loop iteration's requests from one state; Q of these rows
+    minus Q of `state` is how each dispatch it makes moves the Q-values of the next decision.
+    """
+    cands = view.candidates
+    k = len(cands)
+    rows = np.empty((k + 1, state.shape[0]), dtype=np.float32)
+    rows[:] = state
+    if k == 0:
+        return rows
+    n = view.n
+    slots = np.asarray(cands, dtype=np.intp) * PER_BACKEND_FEATURES
+    below = np.arange(1, k + 1)
+    total = sum(view.share)
+    step = view._share_scale / (1.0 - SHARE_DECAY)  # the increment on_dispatch will add
+    share_cols = slice(4, n * PER_BACKEND_FEATURES, PER_BACKEND_FEATURES)
+    rows[1:, share_cols] *= total / (total + step)
+    rows[below, slots + 4] += step / (total + step)
+    rows[below, slots] += 1.0 / INFLIGHT_SCALE
+    rows[1:, max_backends * PER_BACKEND_FEATURES + NUM_CLASSES] += 1.0 / (INFLIGHT_SCALE * max(1, n))
+    return rows
+
+
 # --- reward -----------------------------------------------------------------------------------------
 def reward(
     latency_s: float,

@@ -60,27 +60,37 @@ def test_numpy_forward_matches_torch(dueling: bool) -> None:
     assert masks[np.arange(64), acts].all()
 
 
-async def test_concurrent_decisions_each_get_their_own_answer() -> None:
+@pytest.mark.parametrize("backend", ["numpy", "thread"])
+async def test_concurrent_decisions_each_get_their_own_answer(backend: str) -> None:
+    """Inline (numpy): each call is its own synchronous pass. Off-loop (thread, the CUDA path's
+    plumbing): calls queue while a pass runs and share the next one, each still getting its own row's
+    answer."""
     net = make_net(2)
     rec = Recorder()
-    engine = InferenceEngine(OBS, ACT, max_batch=64, on_batch=rec)
+    engine = InferenceEngine(OBS, ACT, max_batch=64, cpu_backend=backend, on_batch=rec)  # type: ignore[arg-type]
     engine.load_network(net)
-    n = 1000
-    states, masks = random_inputs(n, seed=3)
-    expected = torch_actions(net, states, masks)
-    results = await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(n)))
-    assert list(results) == expected.tolist()
-    assert sum(rec.sizes) == n
-    assert max(rec.sizes) > 1, "concurrent requests must share forward passes"
-    assert max(rec.sizes) <= 64, "a pass never exceeds max_batch"
-    assert engine.passes == len(rec.sizes)
+    try:
+        n = 1000
+        states, masks = random_inputs(n, seed=3)
+        expected = torch_actions(net, states, masks)
+        results = await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(n)))
+        assert list(results) == expected.tolist()
+        assert sum(rec.sizes) == n
+        assert engine.passes == len(rec.sizes)
+        if backend == "thread":
+            assert max(rec.sizes) > 1, "concurrent requests must share forward passes"
+            assert max(rec.sizes) <= 64, "a pass never exceeds max_batch"
+        else:
+            assert set(rec.sizes) == {1}
+    finally:
+        engine.close()
 
 
 async def test_interleaved_arrivals_batch_and_stay_correct() -> None:
     """Requests arriving while others wait (staggered tasks) are still answered with their own action."""
     net = make_net(4)
     rec = Recorder()
-    engine = InferenceEngine(OBS, ACT, max_batch=16, on_batch=rec)
+    engine = InferenceEngine(OBS, ACT, max_batch=16, cpu_backend="thread", on_batch=rec)
     engine.load_network(net)
     states, masks = random_inputs(300, seed=5)
     expected = torch_actions(net, states, masks).tolist()
@@ -90,22 +100,45 @@ async def test_interleaved_arrivals_batch_and_stay_correct() -> None:
             await asyncio.sleep(0)
         return await engine.decide(states[i], masks[i])
 
-    assert await asyncio.gather(*(one(i) for i in range(300))) == expected
-    assert max(rec.sizes) > 1
+    try:
+        assert await asyncio.gather(*(one(i) for i in range(300))) == expected
+        assert max(rec.sizes) > 1
+    finally:
+        engine.close()
 
 
-async def test_lone_call_runs_at_once_in_a_pass_of_one() -> None:
+@pytest.mark.parametrize("backend", ["numpy", "thread"])
+async def test_lone_call_runs_at_once_in_a_pass_of_one(backend: str) -> None:
     rec = Recorder()
-    engine = InferenceEngine(OBS, ACT, max_batch=256, on_batch=rec)
+    engine = InferenceEngine(OBS, ACT, max_batch=256, cpu_backend=backend, on_batch=rec)  # type: ignore[arg-type]
     net = make_net(6)
     engine.load_network(net)
-    states, masks = random_inputs(1, seed=7)
-    action = await engine.decide(states[0], masks[0])
-    assert action == int(torch_actions(net, states, masks)[0])
-    assert rec.sizes == [1]
-    # And again: a second lone call does not wait for company either.
-    await engine.decide(states[0], masks[0])
-    assert rec.sizes == [1, 1]
+    try:
+        states, masks = random_inputs(1, seed=7)
+        action = await engine.decide(states[0], masks[0])
+        assert action == int(torch_actions(net, states, masks)[0])
+        assert rec.sizes == [1]
+        # And again: a second lone call does not wait for company either.
+        await engine.decide(states[0], masks[0])
+        assert rec.sizes == [1, 1]
+    finally:
+        engine.close()
+
+
+def test_inline_q_values_match_torch_for_one_state_and_a_batch() -> None:
+    net = make_net(7, dueling=True)
+    engine = InferenceEngine(OBS, ACT)
+    engine.load_network(net)
+    states, _ = random_inputs(5, seed=8)
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(states)).numpy()
+    batch = engine.q_now(states)
+    one = engine.q_now(states[2])
+    assert batch is not None and one is not None
+    np.testing.assert_allclose(batch, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(one, expected[2], rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="off-loop"):
+        engine.submit(states[0], np.ones(ACT, dtype=bool))
 
 
 async def test_masked_actions_never_chosen() -> None:
@@ -149,17 +182,23 @@ async def test_torch_cpu_backend_agrees_with_numpy() -> None:
 
 
 class SlowEngine(InferenceEngine):
-    def forward(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    def q_values(self, states: np.ndarray) -> np.ndarray:
         time.sleep(0.003)
-        return super().forward(states, masks)
+        return super().q_values(states)
 
 
-async def test_late_answers_are_reported_as_deadline_missed() -> None:
-    engine = SlowEngine(OBS, ACT, deadline_s=0.0005)
+@pytest.mark.parametrize("backend", ["numpy", "thread"])
+async def test_late_answers_are_reported_as_deadline_missed(backend: str) -> None:
+    engine = SlowEngine(OBS, ACT, deadline_s=0.0005, cpu_backend=backend)  # type: ignore[arg-type]
     engine.load_network(make_net(14))
-    states, masks = random_inputs(4, seed=15)
-    got = await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(4)))
-    assert got == [DEADLINE_MISSED] * 4
+    try:
+        states, masks = random_inputs(4, seed=15)
+        got = await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(4)))
+        assert got == [DEADLINE_MISSED] * 4
+        if engine.inline:
+            assert engine.q_now(states[0]) is None
+    finally:
+        engine.close()
 
 
 def test_shape_mismatch_rejected() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from lbproxy.observe import (
     WindowStats,
     action_mask,
     classify_path,
+    dispatch_states,
     encode_state,
     gini,
     is_accurate,
@@ -111,3 +113,20 @@ def test_rate_estimate_follows_completions() -> None:
     assert v.estimated_rate(0) == pytest.approx(2.0 / 0.04)
     v.set_service_time(1, 0.0)
     assert v.estimated_rate(1) == pytest.approx(1.0 / 1e-6)
+
+
+@pytest.mark.parametrize("dispatched", [[], [0, 1, 1, 2, 3, 1, 0]])
+def test_dispatch_states_are_the_states_after_one_more_dispatch(dispatched: list[int]) -> None:
+    view = ClusterView.create(4, [1.0, 2.0, 1.0, 1.0])
+    for i in dispatched:
+        view.on_dispatch(i)
+    view.set_available(2, False)
+    state = encode_state(view, RequestClass.HEAVY)
+    rows = dispatch_states(view, state)
+    assert rows.shape == (1 + len(view.candidates), FEATURE_DIM)
+    np.testing.assert_array_equal(rows[0], state)
+    for j, b in enumerate(view.candidates):
+        after = copy.deepcopy(view)
+        after.on_dispatch(b)
+        np.testing.assert_allclose(rows[1 + j], encode_state(after, RequestClass.HEAVY), atol=1e-6)
+    assert np.array_equal(encode_state(view, RequestClass.HEAVY), state), "the view itself is untouched"

@@ -11,6 +11,7 @@ import torch
 
 from lbproxy.config import Settings
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome, action_mask, encode_state, reward
+from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn import create_dqn_runtime
 from lbproxy.rl.online import DecisionRecord, DecisionTable
 
@@ -66,7 +67,7 @@ async def test_reward_join_builds_the_right_transition() -> None:
     rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
     policy = rt.policy
     state_before = encode_state(view, 1)
-    action, did = await policy.decide(1, view, now_s=0.0)
+    action, did = await resolve(policy.decide(1, view, now_s=0.0))
     assert did >= 0 and action in view.candidates
     # The pool dispatches, then completes and updates the view BEFORE observe.
     view.on_dispatch(action)
@@ -90,7 +91,7 @@ async def test_reward_join_builds_the_right_transition() -> None:
 async def test_error_outcome_is_penalised() -> None:
     view = ClusterView.create(2)
     rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
-    action, did = await rt.policy.decide(0, view, now_s=0.0)
+    action, did = await resolve(rt.policy.decide(0, view, now_s=0.0))
     view.on_dispatch(action)
     out = Outcome(backend=action, req_class=0, latency_s=0.05, error=True, decision_id=did)
     view.on_complete(out, 0.05)
@@ -112,7 +113,7 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
         n = 0
         for _chunk in range(10):  # 10 bursts of 20 decisions, letting the learner catch up between them
             for _ in range(20):
-                a, did = await rt.policy.decide(n % 3, view, now_s=n * 0.01)
+                a, did = await resolve(rt.policy.decide(n % 3, view, now_s=n * 0.01))
                 view.on_dispatch(a)
                 out = Outcome(backend=a, req_class=n % 3, latency_s=0.01 + 0.1 * a, error=False, decision_id=did)
                 view.on_complete(out, n * 0.01 + 0.005)
@@ -150,7 +151,7 @@ async def test_process_learner_updates_and_publishes_weights() -> None:
         lrn = rt.learner
         assert lrn is not None
         for n in range(200):
-            a, did = await rt.policy.decide(n % 3, view, now_s=n * 0.01)
+            a, did = await resolve(rt.policy.decide(n % 3, view, now_s=n * 0.01))
             view.on_dispatch(a)
             out = Outcome(backend=a, req_class=n % 3, latency_s=0.01 + 0.1 * a, error=False, decision_id=did)
             view.on_complete(out, n * 0.01 + 0.005)

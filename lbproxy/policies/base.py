@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol, runtime_checkable
 
 from lbproxy.observe import ClusterView, Outcome
@@ -28,14 +29,26 @@ class Policy(Protocol):
     def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None: ...
 
 
+Decision = tuple[int, int]
+"""(backend index, decision id); the id comes back in `Outcome.decision_id` (-1: none)."""
+
+
 @runtime_checkable
 class AsyncPolicy(Protocol):
-    """A policy whose decision may wait (the DQN's batched inference). The proxy awaits `decide`."""
+    """A policy whose decision may have to wait (the DQN's off-loop inference on a GPU).
+
+    `decide` returns the `Decision` itself when it has it without waiting, else an awaitable of it;
+    callers await only the latter (`resolve` does that). On the DQN's inline CPU path nearly every decision is
+    answered at once, and a coroutine per request would cost more than the rest of the decision.
+    """
 
     name: str
 
-    async def decide(self, req_class: int, view: ClusterView, now_s: float) -> tuple[int, int]:
-        """Returns (backend index, decision id); the id is passed back in `Outcome.decision_id`."""
-        ...
+    def decide(self, req_class: int, view: ClusterView, now_s: float) -> Decision | Awaitable[Decision]: ...
 
     def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None: ...
+
+
+async def resolve(decision: Decision | Awaitable[Decision]) -> Decision:
+    """The decision an `AsyncPolicy.decide` call gave, waiting for it if it has to."""
+    return decision if isinstance(decision, tuple) else await decision

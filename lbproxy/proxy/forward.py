@@ -167,7 +167,8 @@ class Forwarder:
     async def _decide(self, cls: int, now: float) -> tuple[int, int]:
         t0 = time.perf_counter()
         if self.is_async:
-            idx, did = await self.policy.decide(cls, self.view, now)
+            res = self.policy.decide(cls, self.view, now)
+            idx, did = res if type(res) is tuple else await res
         else:
             idx, did = self.policy.choose(cls, self.view, now), -1
         self._decision_hist.observe(time.perf_counter() - t0)

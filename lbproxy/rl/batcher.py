@@ -1,22 +1,28 @@
-"""The inference engine: continuous batching of DQN decisions on the event loop.
+"""The inference engine: DQN decisions on the event loop, batched.
 
-Every routed request hands its state vector and action mask to :meth:`InferenceEngine.decide`.
-While one forward pass runs, new requests queue; when it returns, everything queued (up to
-`max_batch`) goes into the next pass. A lone request never waits for company: with no pass running,
-one starts at once (on the next loop iteration, zero timeout) with whatever is queued.
+Two ways to answer, chosen by device:
 
-Two paths, chosen by device:
-
-* CPU: a NumPy copy of the MLP, run inline on the loop. A batch-1 NumPy forward costs ~8 µs against
-  ~25 µs for torch (ANCHORS.md; re-measured in benchmarks/decision_latency.py), and a thread hop
-  would cost more than the forward itself. Batching still happens: all requests whose handlers ran
-  in the same loop iteration share one pass. Variants for the benchmark and tests: `torch` (torch
-  CPU forward inline) and `thread` (the NumPy pass in the worker thread, exercising on CPU the same
-  off-loop pass, deadline timer and queueing that the CUDA path uses).
-* CUDA: pinned host buffers, ONE host-to-device copy (state and mask packed in one row), masked
-  argmax on the device, ONE device-to-host copy, a CUDA graph per power-of-two batch bucket. The
-  pass (and its stream sync) runs in a dedicated thread, so the loop never blocks on the device;
-  new weights are copied in place into the parameters the captured graphs read.
+* Inline (CPU, the default): a NumPy copy of the MLP, run synchronously on the loop by
+  :meth:`InferenceEngine.q_now`. A batch-1 NumPy forward costs ~5-8 µs against ~25 µs for torch
+  (ANCHORS.md; re-measured in benchmarks/decision_latency.py), and a thread hop would cost more than
+  the forward itself. The batch is a loop iteration: the dqn policy (policies/dqn.py) decides all
+  the requests whose handlers run in one iteration from one state snapshot per request class and
+  one pass over it, without suspending any handler, and moves the Q-values by each dispatch it makes
+  so that they do not all go to one backend. Suspending every request on a future instead (the
+  off-loop machinery below, run inline) cost ~10 µs of proxy CPU per request and ~17 % of
+  throughput (benchmarks/results/dqn_proxy.md), and k rows of one iteration's requests were
+  identical anyway. The deadline bounds the pass's own compute time: the wait before it is the loop
+  running other handlers, which no fallback could answer sooner. The `torch` CPU backend is the same
+  path with a torch forward (benchmarks and tests).
+* Off-loop (CUDA, and `thread` on CPU, which exercises the same machinery without a GPU):
+  continuous batching. :meth:`InferenceEngine.submit` queues the request; while one pass runs in
+  the device thread, new requests queue; when it returns, everything queued (up to `max_batch`)
+  goes into the next pass. A lone request never waits for company: with no pass running, one starts
+  on the next loop iteration with whatever is queued. CUDA: pinned host buffers, ONE host-to-device
+  copy (state and mask packed in one row), masked argmax on the device, ONE device-to-host copy, a
+  CUDA graph per power-of-two batch bucket. The pass (and its stream sync) runs in a dedicated
+  thread, so the loop never blocks on the device; new weights are copied in place into the
+  parameters the captured graphs read.
 
 Weights reach the engine through :meth:`publish`: the learner thread prepares a new immutable
 weight set (:func:`prepare_weights`), and the loop swaps one reference (atomic under the GIL).
@@ -310,20 +316,23 @@ class InferenceEngine:
         self._version += 1
 
     # --- the pass ---------------------------------------------------------------------------------
-    def forward(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """One synchronous pass: masked argmax actions for a (k, obs_dim) batch. Tests subclass this."""
-        if self.backend in ("numpy", "thread"):
-            w = self._weights
-            if w is None:
-                raise RuntimeError("no model loaded")
-            return numpy_masked_argmax(numpy_q(w, states), masks)
+    def q_values(self, states: np.ndarray) -> np.ndarray:
+        """Q-values of a (k, obs_dim) batch or of one (obs_dim,) state, synchronously, on a CPU
+        backend (a vector product is ~1 µs cheaper than a batch of one). Tests subclass this."""
         if self.backend == "torch":
             assert self._torch_net is not None
             with torch.inference_mode():
-                q = self._torch_net(torch.from_numpy(states))
-                return masked_argmax(q, torch.from_numpy(masks)).numpy()
-        assert self._cuda is not None
-        return self._cuda.run(states, masks)
+                return self._torch_net(torch.from_numpy(states)).numpy()
+        w = self._weights
+        if w is None:
+            raise RuntimeError("no model loaded")
+        return numpy_q(w, states)
+
+    def forward(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """One synchronous pass: masked argmax actions for a (k, obs_dim) batch."""
+        if self._cuda is not None:
+            return self._cuda.run(states, masks)
+        return numpy_masked_argmax(self.q_values(states), masks)
 
     def forward_sync(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """A pass outside the loop (benchmarks, tests), on whichever thread owns the device."""
@@ -333,16 +342,45 @@ class InferenceEngine:
             return self._executor.submit(self.forward, states, masks).result()
         return self.forward(states, masks)
 
-    # --- continuous batching ----------------------------------------------------------------------
+    # --- answering ----------------------------------------------------------------------------------
+    @property
+    def inline(self) -> bool:
+        """True when passes run synchronously on the loop (`q_now`); else `submit` and await."""
+        return self.backend in ("numpy", "torch")
+
+    def record_pass(self, decisions: int) -> None:
+        """Account one forward pass that answered `decisions` requests (the batch-size histogram)."""
+        self.passes += 1
+        self.decisions += decisions
+        if self.on_batch is not None:
+            self.on_batch(decisions)
+
+    def q_now(self, states: np.ndarray) -> np.ndarray | None:
+        """Inline path: `q_values` in one pass on the loop, or None when the pass itself took longer
+        than the deadline (the machine is too slow for the model: the caller falls back). The caller
+        accounts the pass with `record_pass` once it knows how many requests it answered."""
+        t0 = time.perf_counter()
+        q = self.q_values(states)
+        if self.deadline_s is not None and time.perf_counter() - t0 > self.deadline_s:
+            return None
+        return q
+
     async def decide(self, state: np.ndarray, mask: np.ndarray) -> int:
-        """The action for one state (masked argmax), or DEADLINE_MISSED when the engine was too slow
-        (see `_start_pass` for what the deadline measures). The caller keeps ownership of
-        `state`/`mask` but must not mutate them until this returns."""
+        """The action for one state (masked argmax), or DEADLINE_MISSED when the engine was too slow,
+        on either path (benchmarks and tests; the dqn policy calls `q_now`/`submit` itself). The
+        caller keeps ownership of `state`/`mask` but must not mutate them until this returns."""
+        if self.inline:
+            q = self.q_now(state)
+            self.record_pass(1)
+            return DEADLINE_MISSED if q is None else int(numpy_masked_argmax(q, mask))
         return await self.submit(state, mask)
 
+    # --- continuous batching (off-loop path) ---------------------------------------------------------
     def submit(self, state: np.ndarray, mask: np.ndarray) -> asyncio.Future[int]:
-        """`decide` without its coroutine frame: queue the state and return the future to await (the
-        per-request path of the dqn policy; saves a coroutine object per decision)."""
+        """Queue the state for the next off-loop pass and return the future to await (no coroutine
+        frame per decision)."""
+        if self.inline:
+            raise RuntimeError(f"submit() is the off-loop path; the {self.backend} backend answers with q_now()")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -369,66 +407,36 @@ class InferenceEngine:
         return batch
 
     def _start_pass(self) -> None:
-        """Run one pass over everything queued (up to max_batch).
+        """Hand everything queued (up to max_batch) to the device thread.
 
-        What the deadline measures differs by path, on purpose:
-        * inline (CPU): the pass's own compute time. The wait before an inline pass is the event
-          loop running other requests' handlers (loop lag, ~one iteration): no fallback could answer
-          sooner, so counting it would only make the DQN step aside exactly when the proxy is busy.
-        * off-loop (CUDA, `thread`): from submission; one timer per pass. When it fires and the worker
-          has not finished, the pass's requests and everything queued behind it fall back.
+        The deadline runs from submission, one timer per pass: when it fires and the worker has not
+        finished, the pass's requests and everything queued behind it fall back.
         """
         if not self._queue:
             self._running = False
             return
         batch = self._take_batch()
         k = len(batch)
-        self.passes += 1
-        self.decisions += k
-        if self.on_batch is not None:
-            self.on_batch(k)
+        self.record_pass(k)
         loop = self._loop
-        assert loop is not None
-        if self._executor is not None and self.backend in ("cuda", "thread"):
-            # Rows are already staged (pinned memory on CUDA); nothing stages the next batch before
-            # this pass returns, so the worker reads them without a copy.
-            if self._cuda is not None:
-                cfut = self._executor.submit(self._cuda.run_staged, k)
-            else:
-                cfut = self._executor.submit(self.forward, self._xbuf[:k], self._mbuf[:k])
-            if self.deadline_s is not None:
-                self._timer = loop.call_later(self.deadline_s, self._expire, batch, cfut)
-
-            def done(f: concurrent.futures.Future[np.ndarray]) -> None:
-                if not loop.is_closed():  # shutting down: nobody is waiting any more
-                    loop.call_soon_threadsafe(self._finish, batch, f)
-
-            cfut.add_done_callback(done)
-            return
-        t0 = time.perf_counter()
-        try:
-            actions = self.forward(self._xbuf[:k], self._mbuf[:k])
-        except Exception as exc:  # a broken model must not hang requests: fail this batch only
-            for _s, _m, f in batch:
-                if not f.done():
-                    f.set_exception(exc)
+        assert loop is not None and self._executor is not None
+        # Rows are already staged (pinned memory on CUDA); nothing stages the next batch before this
+        # pass returns, so the worker reads them without a copy.
+        if self._cuda is not None:
+            cfut = self._executor.submit(self._cuda.run_staged, k)
         else:
-            late = self.deadline_s is not None and time.perf_counter() - t0 > self.deadline_s
-            self._deliver(batch, actions, late)
-        # Whatever queued meanwhile (nothing, for an inline pass) goes next; a new loop iteration
-        # in between lets other handlers add to it.
-        if self._queue:
-            loop.call_soon(self._start_pass)
-        else:
-            self._running = False
+            cfut = self._executor.submit(self.forward, self._xbuf[:k], self._mbuf[:k])
+        if self.deadline_s is not None:
+            self._timer = loop.call_later(self.deadline_s, self._expire, batch, cfut)
+
+        def done(f: concurrent.futures.Future[np.ndarray]) -> None:
+            if not loop.is_closed():  # shutting down: nobody is waiting any more
+                loop.call_soon_threadsafe(self._finish, batch, f)
+
+        cfut.add_done_callback(done)
 
     @staticmethod
-    def _deliver(batch: list[_Entry], actions: Any, late: bool) -> None:
-        if late:
-            for _s, _m, f in batch:
-                if not f.done():
-                    f.set_result(DEADLINE_MISSED)
-            return
+    def _deliver(batch: list[_Entry], actions: Any) -> None:
         for (_s, _m, f), a in zip(batch, actions.tolist(), strict=False):
             if not f.done():
                 f.set_result(a)
@@ -457,7 +465,7 @@ class InferenceEngine:
                 if not f.done():
                     f.set_exception(exc)
         else:
-            self._deliver(batch, cfut.result(), False)
+            self._deliver(batch, cfut.result())
         self._start_pass()
 
     def _ensure_executor(self) -> None:
