@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 CPU_ONLY = {
     "decision_cost": ["--iterations", "2000", "--trials", "1"],
     "decision_latency": ["--repeats", "50"],
+    "learner_loop_lag": ["--seconds", "0.3"],
     "learner_step": ["--trials", "1"],
     "sim_throughput": ["--decisions", "5000", "--repeats", "1"],
 }

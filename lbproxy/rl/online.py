@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import copy
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,11 @@ up to `learning_starts`, the learner must not run hundreds of updates back to ba
 LEARNER_NICE = 10
 """Niceness of the learner thread (0 = same priority as the event loop; measured in
 benchmarks/results/dqn_proxy.md). Routing has priority over learning when both want the CPU."""
+
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""While the learner thread runs, CPython hands the GIL over after this long (default 5 ms). An
+update's Python glue holds the GIL between torch kernels; the event loop, asking for it, would
+otherwise wait up to 5 ms (the issue bounds what learning may hold the loop for at ~1 ms)."""
 
 IDLE_WAIT_S = 0.002
 """How long the learner thread sleeps when it has no token (polling keeps the hot path free of
@@ -171,6 +177,7 @@ class BackgroundLearner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._switch_interval = sys.getswitchinterval()
 
     # --- loop side --------------------------------------------------------------------------------
     def add_transition(
@@ -184,6 +191,8 @@ class BackgroundLearner:
             return
         self._loop = loop or asyncio.get_running_loop()
         self._stop.clear()
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="lbproxy-learner", daemon=True)
         self._thread.start()
 
@@ -192,6 +201,7 @@ class BackgroundLearner:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+            sys.setswitchinterval(self._switch_interval)
 
     @property
     def running(self) -> bool:
