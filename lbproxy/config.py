@@ -193,7 +193,12 @@ class Settings(BaseSettings):
     decision_deadline_us: float = Field(
         500.0, gt=0, description="Max DQN decision wait before falling back to peak_ewma (µs)."
     )
-    max_batch: int = Field(256, ge=1, description="Max decisions per inference forward pass.")
+    max_batch: int = Field(
+        256,
+        ge=1,
+        description="Max decisions per inference forward pass (CPU: one loop iteration's decisions share a "
+        "pass up to this many).",
+    )
     learner_process: bool = Field(
         False,
         description="Run live learner updates in a separate process (shared-memory replay) instead of a "

@@ -143,3 +143,17 @@ async def test_learning_records_the_state_each_decision_was_taken_in() -> None:
         assert rec is not None
         np.testing.assert_array_equal(rec.state, expected[-1])
     rt.engine.close()
+
+
+async def test_max_batch_bounds_the_decisions_one_pass_answers() -> None:
+    settings = Settings(mode="serve", device="cpu", decision_deadline_us=1e6, max_batch=4)
+    net = least_in_flight_net()
+    rt = create_dqn_runtime(settings, None, None, net=net)
+    view = ClusterView.create(3)
+    classes = [0] + [1] * 10 + [0] * 3  # class 1's snapshot is replaced while class 0's stays live
+    for req_class in classes:
+        action, _ = await resolve(rt.policy.decide(req_class, view, now_s=0.0))
+        assert action == exact_choice(net, view, req_class)
+        view.on_dispatch(action)
+    await asyncio.sleep(0)
+    assert (rt.engine.passes, rt.engine.decisions) == (4, 14), "class 0: one pass of 4; class 1: 4, 4 and 2"

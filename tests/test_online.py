@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ from lbproxy.config import Settings
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome, action_mask, encode_state, reward
 from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn import create_dqn_runtime
-from lbproxy.rl.online import GIL_SWITCH_INTERVAL_S, DecisionRecord, DecisionTable
+from lbproxy.rl.online import DecisionRecord, DecisionTable
 
 
 def rec(t_s: float, action: int = 0) -> DecisionRecord:
@@ -106,10 +105,8 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
     """Real learner thread: decisions feed tokens, updates run, new weights reach the engine."""
     view = ClusterView.create(2)
     rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
-    switch_before = sys.getswitchinterval()
     await rt.start()
     try:
-        assert sys.getswitchinterval() == min(switch_before, GIL_SWITCH_INTERVAL_S), "the loop gets the GIL back fast"
         version0 = rt.engine.version
         lrn = rt.learner
         assert lrn is not None
@@ -132,7 +129,6 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
     finally:
         await rt.stop()
     assert not lrn.running
-    assert sys.getswitchinterval() == switch_before
     # After a final publish the engine answers exactly as the learner's online network does.
     lrn.publish_now()
     for _ in range(3):

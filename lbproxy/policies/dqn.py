@@ -98,7 +98,7 @@ class _DispatchEffect:
     t_s: float
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, eq=False)  # identity: it holds arrays, and lists of snapshots are searched
 class _Snapshot:
     """What every request of one class sees during one event-loop iteration (the inline path's batch).
 
@@ -168,6 +168,8 @@ class DqnPolicy:
         self._mask_add = np.zeros(max_backends, dtype=np.float32)
         """0 on the mask, -inf off it: Q-values plus this are masked in one addition."""
         self._inline = engine.inline
+        self._max_batch = engine.max_batch
+        """Inline: decisions one pass answers before the next is taken (bounds the first-order drift)."""
         self._learning = self.epsilon_fn is not None or self.tracker is not None or self.table is not None
         self._mask_src: list[int] | None = None
         self._mask_len = -1
@@ -193,12 +195,10 @@ class DqnPolicy:
         return self._mask
 
     def _snapshot(self, req_class: int, view: ClusterView) -> _Snapshot:
-        """This iteration's snapshot for the class, built on first use; all are retired by one
-        callback queued behind the iteration's handlers (asyncio and uvloop run callbacks queued during
-        an iteration in the next one)."""
+        """A new snapshot for the class (first use in this iteration, new candidates, or max_batch
+        decisions taken from the last one). All are retired by one callback queued behind the
+        iteration's handlers (asyncio and uvloop run callbacks queued during an iteration in the next)."""
         snap = self._snapshots[req_class]
-        if snap is not None and snap.candidates is view.candidates:
-            return snap
         if snap is not None:
             self._retire(snap)
         if not self._clear_armed:
@@ -262,7 +262,7 @@ class DqnPolicy:
         """(backend, decision id) at once on the inline path, or an awaitable of it when the answer
         comes from an off-loop pass (AsyncPolicy)."""
         snap = self._snapshots[req_class]
-        if snap is None or snap.candidates is not view.candidates:
+        if snap is None or snap.candidates is not view.candidates or snap.answered >= self._max_batch:
             if not view.candidates:
                 raise NoBackendAvailable("no backend available")
             snap = self._snapshot(req_class, view)

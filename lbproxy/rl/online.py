@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import copy
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,14 +45,14 @@ LEARNER_NICE = 10
 """Niceness of the learner thread (0 = same priority as the event loop; measured in
 benchmarks/results/dqn_proxy.md). Routing has priority over learning when both want the CPU."""
 
-GIL_SWITCH_INTERVAL_S = 0.0005
-"""While the learner thread runs, CPython hands the GIL over after this long (default 5 ms). An
-update's Python glue holds the GIL between torch kernels; the event loop, asking for it, would
-otherwise wait up to 5 ms (the issue bounds what learning may hold the loop for at ~1 ms)."""
-
 IDLE_WAIT_S = 0.002
-"""How long the learner thread sleeps when it has no token (polling keeps the hot path free of
-cross-thread wake-ups; 2 ms is far below the time between useful updates)."""
+"""How long the learner sleeps when it has no token (polling keeps the hot path free of cross-thread
+wake-ups; 2 ms is far below the time between useful updates). Doubled while it stays idle, up to
+IDLE_WAIT_MAX_S."""
+
+IDLE_WAIT_MAX_S = 0.05
+"""An idle proxy's learner wakes 20 times a second, not 500: on a core that routes traffic (or on
+the one a neighbouring proxy pins to), every wake-up is a context switch taken from routing."""
 
 
 @dataclass(slots=True)
@@ -177,7 +176,6 @@ class BackgroundLearner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._switch_interval = sys.getswitchinterval()
 
     # --- loop side --------------------------------------------------------------------------------
     def add_transition(
@@ -191,8 +189,6 @@ class BackgroundLearner:
             return
         self._loop = loop or asyncio.get_running_loop()
         self._stop.clear()
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="lbproxy-learner", daemon=True)
         self._thread.start()
 
@@ -201,7 +197,6 @@ class BackgroundLearner:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
-            sys.setswitchinterval(self._switch_interval)
 
     @property
     def running(self) -> bool:
@@ -253,28 +248,32 @@ class BackgroundLearner:
             # learner on what the event loop leaves over instead of splitting a core evenly with it.
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        idle_s = IDLE_WAIT_S
         try:
             while not self._stop.is_set():
                 fed = self.fed  # read BEFORE the size check: these decisions all fell in the warm-up
                 if len(self.replay) < self.learning_starts:
                     self.forgiven = max(self.forgiven, int(fed * self.ratio) - self.consumed)  # no warm-up debt
-                    self._stop.wait(IDLE_WAIT_S)
+                elif self._owed() > 0:
+                    idle_s = IDLE_WAIT_S
+                    self._update()
                     continue
-                if self._owed() <= 0:
-                    self._stop.wait(IDLE_WAIT_S)
-                    continue
-                with self._lock:
-                    batch = self.replay.sample(self.batch_size, self.device)
-                    loss = float(self.learner.update(batch))
-                    self.consumed += 1
-                    self.updates += 1
-                self.last_loss = loss
-                self._loss_sum += loss
-                self._loss_n += 1
-                if self.updates % self.weight_sync_every == 0:
-                    self.publish_now()
+                self._stop.wait(idle_s)
+                idle_s = min(2 * idle_s, IDLE_WAIT_MAX_S)
         except BaseException as exc:  # surfaced by the runtime's gauge task; routing goes on
             self.error = exc
+
+    def _update(self) -> None:
+        with self._lock:
+            batch = self.replay.sample(self.batch_size, self.device)
+            loss = float(self.learner.update(batch))
+            self.consumed += 1
+            self.updates += 1
+        self.last_loss = loss
+        self._loss_sum += loss
+        self._loss_n += 1
+        if self.updates % self.weight_sync_every == 0:
+            self.publish_now()
 
     def publish_now(self) -> None:
         """Prepare the weights here (off the loop) and hand the loop one object to swap in."""
@@ -359,6 +358,7 @@ def _process_main(
     ratio, starts, bs, every = boot["ratio"], boot["learning_starts"], boot["batch_size"], boot["weight_sync_every"]
     consumed = forgiven = 0
     updates = 0
+    idle_s = IDLE_WAIT_S
     try:
         while not head[_H_STOP]:
             if conn.poll(0):
@@ -373,14 +373,15 @@ def _process_main(
             owed = int(fed * ratio) - consumed - forgiven
             if replay.size < starts:
                 forgiven = max(forgiven, owed + forgiven)
-                time.sleep(IDLE_WAIT_S)
-                continue
+                owed = 0
             if owed > MAX_UPDATE_DEBT:
                 forgiven += owed - MAX_UPDATE_DEBT
                 owed = MAX_UPDATE_DEBT
             if owed <= 0:
-                time.sleep(IDLE_WAIT_S)
+                time.sleep(idle_s)
+                idle_s = min(2 * idle_s, IDLE_WAIT_MAX_S)
                 continue
+            idle_s = IDLE_WAIT_S
             loss = float(learner.update(replay.sample(bs, learner.device)))
             consumed += 1
             updates += 1
