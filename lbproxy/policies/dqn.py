@@ -551,8 +551,3 @@ def create_dqn_runtime(
         arch={"obs_dim": obs_dim, "n_actions": mb, "hidden": cfg.hidden, "dueling": cfg.dueling},
         batch_sizes=batch_sizes,
     )
-
-
-def state_mask_for(view: ClusterView, req_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (state, mask) pair a decision on `view` feeds to the engine (benchmarks, tests)."""
-    return encode_state(view, req_class), action_mask(view)
