@@ -242,8 +242,10 @@ class InferenceEngine:
         self._queue: list[_Entry] = []
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._xbuf = np.zeros((self.max_batch, obs_dim), dtype=np.float32)
-        self._mbuf = np.zeros((self.max_batch, n_actions), dtype=bool)
+        # Staging rows for the off-loop `thread` pass (CUDA stages into pinned memory; inline needs none).
+        rows = self.max_batch if self.backend == "thread" else 0
+        self._xbuf = np.zeros((rows, obs_dim), dtype=np.float32)
+        self._mbuf = np.zeros((rows, n_actions), dtype=bool)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._version = 0
         if self.backend in ("numpy", "thread"):
