@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         "Each request: the policy's decision, then its dispatch; the round completes them all. The"
         " round_robin rows are the harness's own cost. Inline, the dqn policy decides an iteration's"
         " requests from one state snapshot and ONE pass (the first decision of the iteration pays it),"
-        " each decision moving the Q-values by its dispatch; 'worker thread' is the off-loop continuous"
-        " batching that the CUDA path uses (a future per request), run with the NumPy forward."
+        " each decision moving the Q-values by its dispatch; 'worker thread' is the off-loop path that"
+        " the CUDA device uses (the same snapshots, their passes in a device thread, each request"
+        " suspended until its snapshot's pass lands), run with the NumPy forward: its cost is what the"
+        " event loop pays whatever the device (the harness gathers the suspended requests, a task each)."
         " 'mean batch' is decisions per forward pass.",
         "",
         "| path | load | cost | mean batch |",

@@ -165,7 +165,11 @@ class Settings(BaseSettings):
     init_model: Path | None = Field(None, description="Start live training from this (simulator-trained) model.")
     model: Path | None = Field(None, description="DQN model to serve or evaluate (default: the shipped model).")
     online: bool = Field(False, description="In serve mode, keep learning from live traffic.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference and learning run.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where inference and learning run. auto: learning on a GPU when there is one, live "
+        "inference inline on the CPU (cheaper for the event loop at this model size); cuda: both on the GPU.",
+    )
     checkpoint_every: int = Field(100, ge=1, description="Save a checkpoint every N episodes.")
     keep_checkpoints: int = Field(
         3,

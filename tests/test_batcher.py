@@ -223,6 +223,14 @@ async def test_cuda_graph_batches_match_eager_cpu() -> None:
         states, masks = random_inputs(500, seed=21)
         got = await asyncio.gather(*(engine.decide(states[i], masks[i]) for i in range(500)))
         assert got == torch_actions(net, states, masks).tolist()
+        # Q-value blocks (the dqn policy's snapshots) come back from the same packed output row.
+        blocks = [engine.submit_q(states[i : i + 5]) for i in range(0, 50, 5)]
+        with torch.inference_mode():
+            expected_q = net(torch.from_numpy(states[:50])).numpy()
+        for i, fut in enumerate(blocks):
+            q = await fut
+            assert q is not None
+            np.testing.assert_allclose(q, expected_q[5 * i : 5 * i + 5], rtol=1e-3, atol=1e-4)
     finally:
         engine.close()
 
@@ -286,6 +294,62 @@ class SlowThreadEngine(InferenceEngine):
 
         self.release = threading.Event()
 
-    def forward(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    def q_values(self, states: np.ndarray) -> np.ndarray:
         self.release.wait(2.0)
-        return super().forward(states, masks)
+        return super().q_values(states)
+
+
+class RowCountingEngine(InferenceEngine):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.rows: list[int] = []
+
+    def q_values(self, states: np.ndarray) -> np.ndarray:
+        self.rows.append(states.shape[0])  # the worker thread: one pass
+        return super().q_values(states)
+
+
+async def test_q_value_blocks_and_decisions_share_passes_and_get_their_own_rows() -> None:
+    """submit_q (the dqn policy's off-loop request: a snapshot and its dispatch rows) queues beside
+    single decisions; each gets exactly its own rows back, and a pass holds at most max_batch rows."""
+    net = make_net(34)
+    rec = Recorder()
+    engine = RowCountingEngine(OBS, ACT, max_batch=8, cpu_backend="thread", on_batch=rec)
+    engine.load_network(net)
+    try:
+        states, masks = random_inputs(40, seed=35)
+        blocks = [states[i : i + 3] for i in range(0, 12, 3)]
+        q_futs = [engine.submit_q(b) for b in blocks]
+        a_futs = [engine.submit(states[i], masks[i]) for i in range(12, 40)]
+        qs = await asyncio.gather(*q_futs)
+        actions = await asyncio.gather(*a_futs)
+        with torch.inference_mode():
+            expected_q = net(torch.from_numpy(states[:12])).numpy()
+        for i, q in enumerate(qs):
+            assert q is not None and q.shape == (3, ACT)
+            np.testing.assert_allclose(q, expected_q[3 * i : 3 * i + 3], rtol=1e-5, atol=1e-5)
+        assert actions == torch_actions(net, states[12:], masks[12:]).tolist()
+        assert sum(rec.sizes) == 28, "only single decisions are accounted by the engine"
+        assert sum(engine.rows) == 40 and max(engine.rows) <= 8, engine.rows
+        with pytest.raises(ValueError, match="rows"):
+            engine.submit_q(np.zeros((ACT + 2, OBS), dtype=np.float32))
+    finally:
+        engine.close()
+
+
+class FailingThreadEngine(InferenceEngine):
+    def q_values(self, states: np.ndarray) -> np.ndarray:
+        raise RuntimeError("device lost")
+
+
+async def test_failed_pass_answers_q_value_blocks_with_none() -> None:
+    engine = FailingThreadEngine(OBS, ACT, cpu_backend="thread")
+    engine.load_network(make_net(36))
+    try:
+        states, masks = random_inputs(2, seed=37)
+        assert await engine.submit_q(states) is None, "the caller falls back; routing does not fail"
+        assert isinstance(engine.last_error, RuntimeError)
+        with pytest.raises(RuntimeError, match="device lost"):
+            await engine.submit(states[0], masks[0])
+    finally:
+        engine.close()

@@ -1,18 +1,22 @@
-"""The live dqn policy's inline path: one pass per loop iteration and request class, decisions that
-see the iteration's own dispatches, and a state that is fresh every iteration."""
+"""The live dqn policy: one pass per loop iteration and request class, decisions that see the
+iteration's own dispatches, and a state that is fresh every iteration. Inline (NumPy on the loop) and
+off-loop (the CUDA path's plumbing, run on CPU by the `thread` backend)."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 
 import numpy as np
+import pytest
 import torch
 
 from lbproxy.config import Settings
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, PER_BACKEND_FEATURES, ClusterView, Outcome, encode_state
 from lbproxy.policies.base import resolve
-from lbproxy.policies.dqn import DqnRuntime, create_dqn_runtime
+from lbproxy.policies.dqn import DqnPolicy, DqnRuntime, create_dqn_runtime
+from lbproxy.rl.batcher import InferenceEngine
 from lbproxy.rl.network import QNetwork
 from lbproxy.telemetry import Metrics
 
@@ -157,3 +161,125 @@ async def test_max_batch_bounds_the_decisions_one_pass_answers() -> None:
         view.on_dispatch(action)
     await asyncio.sleep(0)
     assert (rt.engine.passes, rt.engine.decisions) == (4, 14), "class 0: one pass of 4; class 1: 4, 4 and 2"
+
+
+# --- off-loop: passes in a device thread (CUDA; `thread` runs the same machinery on CPU) ------------------
+class GatedEngine(InferenceEngine):
+    """The off-loop engine, with passes that wait for `gate` (a device still busy)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def q_values(self, states: np.ndarray) -> np.ndarray:
+        self.gate.wait(5.0)
+        return super().q_values(states)
+
+
+def off_loop_policy(
+    net: QNetwork, metrics: Metrics | None = None, deadline_s: float | None = None, device: str = "cpu"
+) -> DqnPolicy:
+    engine = GatedEngine(FEATURE_DIM, MAX_BACKENDS, cpu_backend="thread", deadline_s=deadline_s, device=device)
+    engine.load_network(net)
+    assert not engine.inline
+    return DqnPolicy(engine, metrics=metrics)
+
+
+async def routed(
+    policy: DqnPolicy, net: QNetwork, view: ClusterView, req_class: int, log: list[tuple[int, int]]
+) -> None:
+    """One request as the proxy makes it: decide, then dispatch. Logs (decision, what one exact pass
+    on the view at that moment says)."""
+    action, _ = await resolve(policy.decide(req_class, view, now_s=0.0))
+    log.append((action, exact_choice(net, view, req_class)))
+    view.on_dispatch(action)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+async def test_off_loop_iteration_is_one_snapshot_and_does_not_herd(device: str) -> None:
+    net = least_in_flight_net()
+    policy = off_loop_policy(net, device=device)
+    view = ClusterView.create(4)
+    log: list[tuple[int, int]] = []
+    try:
+        await asyncio.gather(*(routed(policy, net, view, 0, log) for _ in range(12)))
+        assert [a for a, _ in log] == [e for _, e in log], "linear network: the correction is exact"
+        assert sorted(a for a, _ in log) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+        await asyncio.sleep(0)
+        assert (policy.engine.passes, policy.engine.decisions) == (1, 12)
+    finally:
+        policy.engine.close()
+
+
+async def test_off_loop_passes_in_flight_see_each_others_dispatches() -> None:
+    """While the device is busy, later iterations queue their own snapshots (taken before the earlier
+    requests were dispatched); each lands with the dispatches made meanwhile applied."""
+    net = least_in_flight_net()
+    policy = off_loop_policy(net)
+    engine = policy.engine
+    assert isinstance(engine, GatedEngine)
+    view = ClusterView.create(4)
+    for b in (0, 0, 0, 2):
+        view.on_dispatch(b)
+    log: list[tuple[int, int]] = []
+    try:
+        engine.gate.clear()
+        tasks = []
+        for batch, req_class in ((3, 0), (5, 1), (4, 0)):  # three loop iterations, one snapshot each
+            tasks += [asyncio.ensure_future(routed(policy, net, view, req_class, log)) for _ in range(batch)]
+            await asyncio.sleep(0.005)  # the first pass is in the device thread, the others queue
+        assert log == [], "nothing is decided while the device is busy"
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=5.0)
+        assert len(log) == 12
+        assert [a for a, _ in log] == [e for _, e in log]
+        assert view.in_flight == [4, 4, 4, 4]
+    finally:
+        engine.gate.set()
+        engine.close()
+
+
+async def test_off_loop_late_pass_falls_back_and_counts() -> None:
+    metrics = Metrics()
+    net = least_in_flight_net()
+    policy = off_loop_policy(net, metrics, deadline_s=0.002)
+    engine = policy.engine
+    assert isinstance(engine, GatedEngine)
+    view = ClusterView.create(2)
+    view.on_dispatch(1)
+    view.on_complete(Outcome(backend=1, req_class=0, latency_s=5.0, error=False), now_s=1.0)  # peak_ewma: 0
+    view.on_dispatch(0)  # the network: 1
+    log: list[tuple[int, int]] = []
+    try:
+        engine.gate.clear()
+        await asyncio.wait_for(asyncio.gather(*(routed(policy, net, view, 0, log) for _ in range(3))), timeout=5.0)
+        assert [a for a, _ in log] == [0, 0, 0], "peak_ewma answered, not the stalled network"
+        assert metrics.registry.get_sample_value("lbproxy_decision_fallbacks_total", {"reason": "deadline"}) == 3
+    finally:
+        engine.gate.set()
+        engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_device_learns_on_the_gpu_and_decides_inline() -> None:
+    settings = Settings(mode="train", device="auto", hidden=16)
+    rt = create_dqn_runtime(settings, None, None, train=True, total_decisions=100)
+    try:
+        assert rt.engine.inline, "live inference stays on the loop"
+        assert rt.core is not None and rt.core.device.type == "cuda"
+    finally:
+        rt.engine.close()

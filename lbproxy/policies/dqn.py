@@ -39,7 +39,7 @@ from lbproxy.observe import (
 )
 from lbproxy.policies.base import Decision, NoBackendAvailable, Policy
 from lbproxy.proxy.batched_metrics import BatchedHistogram
-from lbproxy.rl.batcher import DEADLINE_MISSED, InferenceEngine
+from lbproxy.rl.batcher import InferenceEngine
 from lbproxy.rl.online import BackgroundLearner, DecisionRecord, DecisionTable, ProcessLearner
 from lbproxy.rl.schedule import EpsilonSchedule
 from lbproxy.telemetry import Metrics
@@ -100,30 +100,45 @@ class _DispatchEffect:
 
 @dataclasses.dataclass(slots=True, eq=False)  # identity: it holds arrays, and lists of snapshots are searched
 class _Snapshot:
-    """What every request of one class sees during one event-loop iteration (the inline path's batch).
+    """What every request of one class sees during one event-loop iteration (the batch).
 
     The requests whose handlers run in one loop iteration are decided from one encoded state per
-    class and ONE forward pass, without suspending any of them. They are not blind to each other: each
-    decision adds the dispatch effect of its action to `q`, so the next one is taken on Q-values moved
-    as the network says the dispatch moves them: first order in the iteration's dispatches, exact for
-    the first when the effect was measured on this state (else it is at most DISPATCH_EFFECT_TTL_S
-    old). Without that, every request of an iteration would go to the same backend: worse routing,
-    and ~5 % less proxy throughput even for round robin made to do so (measured while building this).
-    `state` and `mask` are never mutated once built: queued off-loop passes and decision records keep
-    references to them.
+    class and ONE forward pass. They are not blind to each other: each decision adds the dispatch
+    effect of its action to `q`, so the next one is taken on Q-values moved as the network says the
+    dispatch moves them: first order in the iteration's dispatches, exact for the first when the
+    effect was measured on this state (else it is at most DISPATCH_EFFECT_TTL_S old). Without that,
+    every request of an iteration would go to the same backend: worse routing, and ~5 % less proxy
+    throughput even for round robin made to do so (measured while building this).
+
+    Inline, the pass runs when the iteration's first request needs it and nobody is suspended.
+    Off-loop (CUDA), the snapshot's rows go to the device thread and its requests wait for them; the
+    dispatches other requests make meanwhile are counted in `since` and applied when the Q-values
+    land, so passes in flight do not herd either.
+    `state` and `mask` are never mutated once built: decision records keep references to them.
     """
 
     state: np.ndarray
     mask: np.ndarray
+    mask_add: np.ndarray
+    """0 on the mask, -inf off it: Q-values plus this are masked in one addition."""
     candidates: list[int]
     """The view's candidates list it was built from: a new list (health event) invalidates it."""
     q: np.ndarray | None = None
-    """Inline path: masked Q-values for the next decision (-inf off the mask), once evaluated."""
+    """Masked Q-values for the next decision (-inf off the mask), once evaluated."""
     d: list[np.ndarray] | None = None
     late: bool = False
-    """The pass missed the decision deadline: the snapshot's requests fall back."""
+    """The pass missed the decision deadline (or failed): the snapshot's requests fall back."""
     answered: int = 0
     """Greedy decisions answered from this snapshot's pass (the pass's batch size)."""
+    measure: bool = False
+    """This snapshot's pass also re-measures its class's dispatch effect (it has k+1 rows)."""
+    t_s: float = 0.0
+    version: int = 0
+    """The engine's weight version when the pass was asked for (what a re-measured effect is valid for)."""
+    pending: asyncio.Future[np.ndarray | None] | None = None
+    """Off-loop: the pass in flight."""
+    since: list[int] | None = None
+    """Off-loop: dispatches per slot made while the pass was in flight."""
 
 
 class DqnPolicy:
@@ -176,6 +191,9 @@ class DqnPolicy:
         self._fb_children: dict[str, Any] = {}
         self._snapshots: list[_Snapshot | None] = [None] * NUM_CLASSES
         self._evaluated: list[_Snapshot] = []
+        """Snapshots whose Q-values the next decisions move (this iteration's)."""
+        self._in_flight: list[_Snapshot] = []
+        """Off-loop snapshots whose pass has not landed yet (they count dispatches in `since`)."""
         self._effects: list[_DispatchEffect | None] = [None] * NUM_CLASSES
         self._clear_armed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -201,13 +219,9 @@ class DqnPolicy:
         snap = self._snapshots[req_class]
         if snap is not None:
             self._retire(snap)
-        if not self._clear_armed:
-            loop = self._loop
-            if loop is None or loop.is_closed():
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._clear_snapshots)
-            self._clear_armed = True
-        snap = _Snapshot(encode_state(view, req_class, self.max_backends), self._mask_for(view), view.candidates)
+        self._arm_clear()
+        mask = self._mask_for(view)
+        snap = _Snapshot(encode_state(view, req_class, self.max_backends), mask, self._mask_add, view.candidates)
         self._snapshots[req_class] = snap
         return snap
 
@@ -218,38 +232,70 @@ class DqnPolicy:
         if snap.q is not None:
             self._evaluated.remove(snap)
 
-    def _clear_snapshots(self) -> None:
-        self._clear_armed = False
-        snaps = self._snapshots
-        for c, snap in enumerate(snaps):
-            if snap is not None:
-                self._retire(snap)
-                snaps[c] = None
+    def _arm_clear(self) -> None:
+        if not self._clear_armed:
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._clear_snapshots)
+            self._clear_armed = True
 
-    def _evaluate(self, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> np.ndarray | None:
-        """The inline pass for a snapshot: its Q-values, plus the dispatch effect when the cached one is
-        stale. None (and the snapshot marked late) when the pass missed the deadline."""
+    def _clear_snapshots(self) -> None:
+        """End of the iteration: account every evaluated snapshot's pass; the next request of each
+        class takes a new snapshot. (Off-loop snapshots still in flight stay in `_in_flight`.)"""
+        self._clear_armed = False
+        for c in range(NUM_CLASSES):
+            self._snapshots[c] = None
+        for snap in self._evaluated:
+            if snap.answered:
+                self.engine.record_pass(snap.answered)
+        self._evaluated.clear()
+
+    def _pass_rows(self, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> np.ndarray:
+        """What the snapshot's pass evaluates: its state, plus one row per candidate's dispatch
+        (`observe.dispatch_states`) when the class's cached dispatch effect is stale."""
         engine = self.engine
         eff = self._effects[req_class]
-        fresh = (
+        snap.measure = not (
             eff is not None
             and eff.version == engine.version
             and eff.candidates is view.candidates
             and now_s - eff.t_s < DISPATCH_EFFECT_TTL_S
         )
-        q = engine.q_now(snap.state if fresh else dispatch_states(view, snap.state, self.max_backends))
+        snap.t_s = now_s
+        snap.version = engine.version
+        return dispatch_states(view, snap.state, self.max_backends) if snap.measure else snap.state
+
+    def _land(self, snap: _Snapshot, req_class: int, q: np.ndarray) -> np.ndarray:
+        """Install a pass's Q-values on the snapshot (re-measuring the dispatch effect when its pass
+        carried the dispatch rows) and start moving them with each dispatch."""
+        if snap.measure:
+            d = np.zeros((self.max_backends, self.max_backends), dtype=np.float32)
+            d[snap.candidates] = q[1:] - q[0]
+            self._effects[req_class] = _DispatchEffect(list(d), snap.version, snap.candidates, snap.t_s)
+            q = q[0]
+        elif q.ndim == 2:
+            q = q[0]
+        effect = self._effects[req_class]
+        assert effect is not None
+        q = q + snap.mask_add
+        if snap.since is not None:  # off-loop: what was dispatched while the pass was in flight
+            for b, count in enumerate(snap.since):
+                if count:
+                    q += count * effect.d[b]
+        snap.q = q
+        snap.d = effect.d
+        self._evaluated.append(snap)
+        return q
+
+    def _evaluate(self, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> np.ndarray | None:
+        """The inline pass for a snapshot, or None (and the snapshot marked late) when the pass
+        missed the deadline."""
+        q = self.engine.q_now(self._pass_rows(snap, req_class, view, now_s))
         if q is None:
             snap.late = True
             return None
-        if eff is None or not fresh:
-            d = np.zeros((self.max_backends, self.max_backends), dtype=np.float32)
-            d[view.candidates] = q[1:] - q[0]
-            eff = self._effects[req_class] = _DispatchEffect(list(d), engine.version, view.candidates, now_s)
-            q = q[0]
-        snap.q = q + self._mask_add
-        snap.d = eff.d
-        self._evaluated.append(snap)
-        return snap.q
+        return self._land(snap, req_class, q)
 
     def _fall_back(self, reason: str, req_class: int, view: ClusterView, now_s: float) -> int:
         self.fallback_counts[reason] += 1
@@ -287,18 +333,44 @@ class DqnPolicy:
         return self._decided(action, snap, req_class, view, now_s)
 
     async def _decide_off_loop(self, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> Decision:
-        action = await self.engine.submit(snap.state, snap.mask)
-        if action == DEADLINE_MISSED:
+        """Wait for the snapshot's off-loop pass (the first request of the snapshot submits it), then
+        decide as the inline path does."""
+        pending = snap.pending
+        if pending is None:
+            rows = self._pass_rows(snap, req_class, view, now_s)
+            pending = snap.pending = self.engine.submit_q(rows if rows.ndim == 2 else rows[None])
+            snap.since = [0] * self.max_backends
+            self._in_flight.append(snap)
+            # Registered before any request awaits, so it runs first when the pass lands.
+            pending.add_done_callback(lambda fut: self._landed(snap, req_class, fut))
+        await pending
+        q = snap.q
+        if q is None:
             action = self._fall_back("deadline", req_class, view, now_s)
-        elif action not in view.candidates:
-            # The backend went away while the pass ran (ejected/removed): never route to it.
-            action = self._fall_back("unavailable", req_class, view, now_s)
+        else:
+            action = int(q.argmax())
+            if action not in view.candidates:
+                # The backend went away while the pass ran (ejected/removed): never route to it.
+                action = self._fall_back("unavailable", req_class, view, now_s)
+            else:
+                snap.answered += 1
         return self._decided(action, snap, req_class, view, now_s)
+
+    def _landed(self, snap: _Snapshot, req_class: int, fut: asyncio.Future[np.ndarray | None]) -> None:
+        self._in_flight.remove(snap)
+        q = None if fut.cancelled() else fut.result()
+        if q is None:
+            snap.late = True
+            return
+        self._land(snap, req_class, q)
+        self._arm_clear()  # queued behind the snapshot's waiting requests: they all see its Q-values
 
     def _decided(self, action: int, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> Decision:
         """Bookkeeping common to every decision, however it was made."""
         for ev in self._evaluated:  # this dispatch moves the Q-values of the iteration's next decisions
             ev.q += ev.d[action]  # type: ignore[index, operator]
+        for fl in self._in_flight:  # ... and those of passes in flight, once they land
+            fl.since[action] += 1  # type: ignore[index]
         self.decisions += 1
         if self._learning:
             return self._record(action, snap, req_class, view, now_s)
@@ -315,9 +387,9 @@ class DqnPolicy:
             return action, -1
         decision_id = self._next_id
         self._next_id += 1
-        # The state the decision was taken in: inline, the view now (the snapshot's dispatch-moved
-        # Q-values stand for it); off-loop, the snapshot the pass evaluated.
-        state = encode_state(view, req_class, self.max_backends) if self._inline else snap.state
+        # The state the decision was taken in: the view now (the snapshot's dispatch-moved Q-values
+        # stand for it), not the snapshot's.
+        state = encode_state(view, req_class, self.max_backends)
         table.put(decision_id, DecisionRecord(state, action, snap.mask, req_class, now_s))
         return action, decision_id
 
@@ -476,6 +548,11 @@ def create_dqn_runtime(
     device = resolve_device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or --device cpu")
+    # `auto`: live inference stays inline on the CPU even beside a GPU (the learner takes the GPU).
+    # Whatever the device's speed, the off-loop round trip costs the event loop itself more than the
+    # inline NumPy pass does for this model: 4.3 vs 1.5 µs per decision at 256 requests per loop
+    # iteration, 16 vs 3 at 8 (benchmarks/results/decision_latency.md). `--device cuda` asks for both.
+    infer_device = torch.device("cpu") if settings.device == "auto" else device
     if net is None and not is_train:
         net, _meta, _path = load_serving_model(settings, mb)
     cfg = DqnConfig.from_settings(settings)
@@ -487,7 +564,7 @@ def create_dqn_runtime(
         obs_dim,
         mb,
         max_batch=settings.max_batch,
-        device=device,
+        device=infer_device,
         deadline_s=settings.decision_deadline_us * 1e-6,
         on_batch=batch_sizes.observe if batch_sizes is not None else None,
     )

@@ -15,14 +15,16 @@ Two ways to answer, chosen by device:
   running other handlers, which no fallback could answer sooner. The `torch` CPU backend is the same
   path with a torch forward (benchmarks and tests).
 * Off-loop (CUDA, and `thread` on CPU, which exercises the same machinery without a GPU):
-  continuous batching. :meth:`InferenceEngine.submit` queues the request; while one pass runs in
-  the device thread, new requests queue; when it returns, everything queued (up to `max_batch`)
-  goes into the next pass. A lone request never waits for company: with no pass running, one starts
-  on the next loop iteration with whatever is queued. CUDA: pinned host buffers, ONE host-to-device
-  copy (state and mask packed in one row), masked argmax on the device, ONE device-to-host copy, a
-  CUDA graph per power-of-two batch bucket. The pass (and its stream sync) runs in a dedicated
-  thread, so the loop never blocks on the device; new weights are copied in place into the
-  parameters the captured graphs read.
+  continuous batching. :meth:`InferenceEngine.submit` queues a request (one state, answered with
+  its masked-argmax action) and :meth:`InferenceEngine.submit_q` a block of rows (answered with
+  their Q-values: what the dqn policy sends, one snapshot per loop iteration and request class).
+  While one pass runs in the device thread, new work queues; when it returns, everything queued
+  (up to `max_batch` rows) goes into the next pass. A lone request never waits for company: with
+  no pass running, one starts on the next loop iteration with whatever is queued. CUDA: pinned host
+  buffers, ONE host-to-device copy (state and mask packed in one row), Q-values and the masked
+  argmax packed in ONE device-to-host copy, a CUDA graph per power-of-two batch bucket. The pass
+  (and its stream sync) runs in a dedicated thread, so the loop never blocks on the device; new
+  weights are copied in place into the parameters the captured graphs read.
 
 Weights reach the engine through :meth:`publish`: the learner thread prepares a new immutable
 weight set (:func:`prepare_weights`), and the loop swaps one reference (atomic under the GIL).
@@ -43,8 +45,10 @@ from lbproxy.rl.network import NumpyWeights, QNetwork, masked_argmax, numpy_q
 
 Backend = Literal["numpy", "torch", "thread", "cuda"]
 
-_Entry = tuple[np.ndarray, np.ndarray, "asyncio.Future[int]"]
-"""A queued decision: (state, mask, the future its caller awaits)."""
+_Entry = tuple[np.ndarray, "np.ndarray | None", "asyncio.Future[Any]"]
+"""Queued work. (state, mask, future): one decision, answered with its masked-argmax action (an int,
+or DEADLINE_MISSED). (rows, None, future): a (r, obs_dim) block, answered with its (r, n_actions)
+Q-values, or None when the pass was late or failed."""
 
 DEADLINE_MISSED = -1
 """`decide` returns this when the answer came later than the deadline (the caller falls back)."""
@@ -133,9 +137,10 @@ class _CudaRunner:
         top = self.buckets[-1]
         # State and mask packed in one row so each pass makes exactly one host-to-device copy.
         self.host_in = torch.zeros((top, width), dtype=torch.float32).pin_memory()
-        self.host_out = torch.zeros((top,), dtype=torch.int64).pin_memory()
+        # Q-values and the masked argmax (as a float: exact below 2**24) packed in one row: one copy back.
+        self.host_out = torch.zeros((top, self.n_actions + 1), dtype=torch.float32).pin_memory()
         self.dev_in = torch.zeros((top, width), dtype=torch.float32, device=device)
-        self.dev_out = torch.zeros((top,), dtype=torch.int64, device=device)
+        self.dev_out = torch.zeros((top, self.n_actions + 1), dtype=torch.float32, device=device)
         self.stream = torch.cuda.Stream(device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if use_graphs:
@@ -144,7 +149,9 @@ class _CudaRunner:
     def _step(self, b: int) -> None:
         inp = self.dev_in[:b]
         q = self.net(inp[:, : self.obs_dim])
-        self.dev_out[:b].copy_(masked_argmax(q, inp[:, self.obs_dim :] > 0.5))
+        out = self.dev_out[:b]
+        out[:, : self.n_actions].copy_(q)
+        out[:, self.n_actions].copy_(masked_argmax(q, inp[:, self.obs_dim :] > 0.5))
 
     def _capture(self) -> None:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # buffers were zeroed on the default stream
@@ -174,7 +181,7 @@ class _CudaRunner:
         return hin[:, : self.obs_dim], hin[:, self.obs_dim :]
 
     def run(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """Stage a batch into pinned memory, then `run_staged`."""
+        """Stage a batch into pinned memory, then `run_staged` (its packed output)."""
         k = states.shape[0]
         hs, hm = self.staging
         hs[:k] = states
@@ -182,7 +189,8 @@ class _CudaRunner:
         return self.run_staged(k)
 
     def run_staged(self, k: int) -> np.ndarray:
-        """The device pass over the first k staged rows: one copy in, graph replay, one copy out."""
+        """The device pass over the first k staged rows: one copy in, graph replay, one copy out.
+        Returns (k, n_actions + 1): Q-values, then the masked argmax."""
         b = self.bucket(k)
         if b > k:
             self.host_in.numpy()[k:b] = 1.0  # padding rows: any valid mask; their answers are ignored
@@ -208,7 +216,8 @@ class _CudaRunner:
 
 
 class InferenceEngine:
-    """Continuous batching of masked-argmax decisions over the current Q-network weights.
+    """Q-values and masked-argmax decisions over the current Q-network weights: inline passes on the
+    loop (`q_now`), or continuously batched passes in a device thread (`submit`, `submit_q`).
 
     `decide` must be called from the event loop thread; `publish` too (the learner thread uses
     `loop.call_soon_threadsafe(engine.publish, weights)`).
@@ -242,16 +251,19 @@ class InferenceEngine:
         self._queue: list[_Entry] = []
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rows = max(self.max_batch, n_actions + 1)
+        """Rows one off-loop pass can hold: max_batch, and at least a snapshot with its dispatch rows."""
         # Staging rows for the off-loop `thread` pass (CUDA stages into pinned memory; inline needs none).
-        rows = self.max_batch if self.backend == "thread" else 0
-        self._xbuf = np.zeros((rows, obs_dim), dtype=np.float32)
-        self._mbuf = np.zeros((rows, n_actions), dtype=bool)
+        staged = self._rows if self.backend == "thread" else 0
+        self._xbuf = np.zeros((staged, obs_dim), dtype=np.float32)
+        self._mbuf = np.zeros((staged, n_actions), dtype=bool)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._version = 0
         if self.backend in ("numpy", "thread"):
             limit_blas_threads(1)
         self._timer: asyncio.TimerHandle | None = None
         self.late_passes = 0
+        self.last_error: BaseException | None = None
 
     # --- weights ----------------------------------------------------------------------------------
     @property
@@ -276,9 +288,7 @@ class InferenceEngine:
             clone.load_state_dict(sd)
             self._ensure_executor()
             assert self._executor is not None
-            self._cuda = self._executor.submit(
-                _CudaRunner, clone, self.max_batch, self.device, self.use_graphs
-            ).result()
+            self._cuda = self._executor.submit(_CudaRunner, clone, self._rows, self.device, self.use_graphs).result()
             self._version += 1
         elif self.backend == "torch":
             clone = QNetwork(net.obs_dim, net.n_actions, net.hidden, net.dueling).eval()
@@ -330,10 +340,21 @@ class InferenceEngine:
             raise RuntimeError("no model loaded")
         return numpy_q(w, states)
 
+    def forward_packed(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """One synchronous pass over a (k, obs_dim) batch: (k, n_actions + 1) float32, the Q-values
+        and then the masked argmax (what one off-loop pass returns; on CUDA one device-to-host copy)."""
+        if self._cuda is not None:
+            return self._cuda.run(states, masks)
+        q = self.q_values(states)
+        out = np.empty((q.shape[0], self.n_actions + 1), dtype=np.float32)
+        out[:, : self.n_actions] = q
+        out[:, self.n_actions] = numpy_masked_argmax(q, masks)
+        return out
+
     def forward(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """One synchronous pass: masked argmax actions for a (k, obs_dim) batch."""
         if self._cuda is not None:
-            return self._cuda.run(states, masks)
+            return self._cuda.run(states, masks)[:, self.n_actions].astype(np.int64)
         return numpy_masked_argmax(self.q_values(states), masks)
 
     def forward_sync(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -379,37 +400,52 @@ class InferenceEngine:
 
     # --- continuous batching (off-loop path) ---------------------------------------------------------
     def submit(self, state: np.ndarray, mask: np.ndarray) -> asyncio.Future[int]:
-        """Queue the state for the next off-loop pass and return the future to await (no coroutine
-        frame per decision)."""
+        """Queue one state for the next off-loop pass; the future gives its masked-argmax action (or
+        DEADLINE_MISSED). No coroutine frame per decision."""
+        return self._enqueue(state, mask)
+
+    def submit_q(self, rows: np.ndarray) -> asyncio.Future[np.ndarray | None]:
+        """Queue a (r, obs_dim) block for the next off-loop pass; the future gives its (r, n_actions)
+        Q-values, or None when the pass was late or failed (the caller falls back: routing must not
+        fail because inference did; the failure is kept in `last_error`)."""
+        if rows.ndim != 2 or not 1 <= rows.shape[0] <= self._rows:
+            raise ValueError(f"submit_q takes 1 to {self._rows} rows of obs_dim, got shape {rows.shape}")
+        return self._enqueue(rows, None)
+
+    def _enqueue(self, rows: np.ndarray, mask: np.ndarray | None) -> asyncio.Future[Any]:
         if self.inline:
-            raise RuntimeError(f"submit() is the off-loop path; the {self.backend} backend answers with q_now()")
+            raise RuntimeError(f"the off-loop path; the {self.backend} backend answers with q_now()")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
-        self._queue.append((state, mask, fut))
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((rows, mask, fut))
         if not self._running:
             self._running = True
             loop.call_soon(self._start_pass)
         return fut
 
-    def _take_batch(self) -> list[_Entry]:
-        q = self._queue
-        if len(q) <= self.max_batch:
-            batch, self._queue = q, []
-        else:
-            batch, self._queue = q[: self.max_batch], q[self.max_batch :]
+    def _take_batch(self) -> tuple[list[_Entry], int]:
+        """Entries for the next pass, up to max_batch rows (always at least one entry), staged."""
+        queue = self._queue
         if self._cuda is not None:
             xb, mb = self._cuda.staging  # straight into pinned memory (bool -> 0/1 float)
         else:
             xb, mb = self._xbuf, self._mbuf
-        for i, (s, m, _f) in enumerate(batch):
-            xb[i] = s
-            mb[i] = m
-        return batch
+        k = taken = 0
+        for rows, mask, _f in queue:
+            r = 1 if mask is not None else rows.shape[0]
+            if k + r > self.max_batch and taken:
+                break
+            xb[k : k + r] = rows
+            mb[k : k + r] = True if mask is None else mask  # Q-value rows: any valid mask
+            k += r
+            taken += 1
+        batch, self._queue = queue[:taken], queue[taken:]
+        return batch, k
 
     def _start_pass(self) -> None:
-        """Hand everything queued (up to max_batch) to the device thread.
+        """Hand everything queued (up to max_batch rows) to the device thread.
 
         The deadline runs from submission, one timer per pass: when it fires and the worker has not
         finished, the pass's requests and everything queued behind it fall back.
@@ -417,9 +453,10 @@ class InferenceEngine:
         if not self._queue:
             self._running = False
             return
-        batch = self._take_batch()
-        k = len(batch)
-        self.record_pass(k)
+        batch, k = self._take_batch()
+        decisions = sum(1 for e in batch if e[1] is not None)
+        if decisions:  # a Q-value block's decisions are accounted by its caller (record_pass)
+            self.record_pass(decisions)
         loop = self._loop
         assert loop is not None and self._executor is not None
         # Rows are already staged (pinned memory on CUDA); nothing stages the next batch before this
@@ -427,7 +464,7 @@ class InferenceEngine:
         if self._cuda is not None:
             cfut = self._executor.submit(self._cuda.run_staged, k)
         else:
-            cfut = self._executor.submit(self.forward, self._xbuf[:k], self._mbuf[:k])
+            cfut = self._executor.submit(self.forward_packed, self._xbuf[:k], self._mbuf[:k])
         if self.deadline_s is not None:
             self._timer = loop.call_later(self.deadline_s, self._expire, batch, cfut)
 
@@ -437,11 +474,27 @@ class InferenceEngine:
 
         cfut.add_done_callback(done)
 
+    def _deliver(self, batch: list[_Entry], out: np.ndarray) -> None:
+        n = self.n_actions
+        actions = out[:, n].astype(np.int64).tolist()
+        k = 0
+        for rows, mask, f in batch:
+            if mask is not None:
+                if not f.done():
+                    f.set_result(actions[k])
+                k += 1
+            else:
+                r = rows.shape[0]
+                if not f.done():
+                    f.set_result(out[k : k + r, :n])
+                k += r
+
     @staticmethod
-    def _deliver(batch: list[_Entry], actions: Any) -> None:
-        for (_s, _m, f), a in zip(batch, actions.tolist(), strict=False):
+    def _give_up(entries: list[_Entry]) -> None:
+        """Answer entries that will get no pass: decisions fall back, Q-value blocks get None."""
+        for _rows, mask, f in entries:
             if not f.done():
-                f.set_result(a)
+                f.set_result(DEADLINE_MISSED if mask is not None else None)
 
     def _expire(self, batch: list[_Entry], cfut: concurrent.futures.Future[np.ndarray]) -> None:
         """The running off-loop pass is late: its requests fall back, and so does everything queued
@@ -451,9 +504,7 @@ class InferenceEngine:
             return
         queued, self._queue = self._queue, []
         self.late_passes += 1
-        for _s, _m, f in batch + queued:
-            if not f.done():
-                f.set_result(DEADLINE_MISSED)
+        self._give_up(batch + queued)
         if self.deadline_s is not None and self._loop is not None:
             self._timer = self._loop.call_later(self.deadline_s, self._expire, [], cfut)
 
@@ -463,9 +514,13 @@ class InferenceEngine:
             self._timer = None
         exc = cfut.exception()
         if exc is not None:
-            for _s, _m, f in batch:
+            self.last_error = exc
+            for _rows, mask, f in batch:
                 if not f.done():
-                    f.set_exception(exc)
+                    if mask is None:
+                        f.set_result(None)
+                    else:
+                        f.set_exception(exc)
         else:
             self._deliver(batch, cfut.result())
         self._start_pass()
@@ -476,9 +531,7 @@ class InferenceEngine:
 
     def close(self) -> None:
         """Stop the device thread (if any); pending decisions get DEADLINE_MISSED so nobody hangs."""
-        for _s, _m, f in self._queue:
-            if not f.done():
-                f.set_result(DEADLINE_MISSED)
+        self._give_up(self._queue)
         self._queue = []
         if self._executor is not None:
             self._executor.shutdown(wait=True)
