@@ -13,6 +13,7 @@ from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS
 from lbproxy.rl.batcher import (
     DEADLINE_MISSED,
     InferenceEngine,
+    _CudaRunner,
     numpy_masked_argmax,
     numpy_q,
     prepare_weights,
@@ -208,6 +209,32 @@ def test_shape_mismatch_rejected() -> None:
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_device_runner_layout_on_cpu() -> None:
+    """The GPU runner's buffers, buckets, padding and output offsets, run eagerly on CPU tensors:
+    actions alone, or Q-values beside them, for every bucket size and a partial bucket."""
+    net = make_net(25, hidden=32)
+    runner = _CudaRunner(net, 16, torch.device("cpu"))
+    assert runner.buckets == [1, 2, 4, 8, 16] and not runner.graphs
+    for k in (1, 3, 4, 5, 11, 16):
+        states, masks = random_inputs(k, seed=40 + k)
+        with torch.inference_mode():
+            expected_q = net(torch.from_numpy(states)).numpy()
+        actions, q = runner.run(states, masks, with_q=True)
+        assert actions.tolist() == torch_actions(net, states, masks).tolist()
+        assert q is not None and q.shape == (k, ACT)
+        np.testing.assert_allclose(q, expected_q, rtol=1e-5, atol=1e-6)
+        only, none = runner.run(states, masks)
+        assert none is None and only.tolist() == actions.tolist()
+    biased = make_net(26, hidden=32)
+    with torch.no_grad():
+        biased.head.bias.zero_()
+        biased.head.weight.zero_()
+        biased.head.bias[5] = 1.0
+    runner.load(biased.state_dict())  # in place: the parameters a captured graph would read
+    states, _ = random_inputs(3, seed=50)
+    assert runner.run(states, np.ones((3, ACT), dtype=bool))[0].tolist() == [5, 5, 5]
 
 
 @pytest.mark.gpu

@@ -21,10 +21,11 @@ Two ways to answer, chosen by device:
   While one pass runs in the device thread, new work queues; when it returns, everything queued
   (up to `max_batch` rows) goes into the next pass. A lone request never waits for company: with
   no pass running, one starts on the next loop iteration with whatever is queued. CUDA: pinned host
-  buffers, ONE host-to-device copy (state and mask packed in one row), Q-values and the masked
-  argmax packed in ONE device-to-host copy, a CUDA graph per power-of-two batch bucket. The pass
-  (and its stream sync) runs in a dedicated thread, so the loop never blocks on the device; new
-  weights are copied in place into the parameters the captured graphs read.
+  buffers, ONE host-to-device copy (state and mask packed in one row), ONE device-to-host copy (the
+  masked-argmax actions, with the Q-values beside them when the pass carried a Q-value block), a
+  CUDA graph per power-of-two batch bucket. The pass (and its stream sync) runs in a dedicated
+  thread, so the loop never blocks on the device; new weights are copied in place into the
+  parameters the captured graphs read.
 
 Weights reach the engine through :meth:`publish`: the learner thread prepares a new immutable
 weight set (:func:`prepare_weights`), and the loop swaps one reference (atomic under the GIL).
@@ -44,6 +45,10 @@ import torch
 from lbproxy.rl.network import NumpyWeights, QNetwork, masked_argmax, numpy_q
 
 Backend = Literal["numpy", "torch", "thread", "cuda"]
+
+PassResult = tuple[np.ndarray, "np.ndarray | None"]
+"""What one off-loop pass returns: the (k,) masked-argmax actions, and the (k, n_actions) Q-values
+when the pass carried a Q-value block (else None: only the actions are copied back)."""
 
 _Entry = tuple[np.ndarray, "np.ndarray | None", "asyncio.Future[Any]"]
 """Queued work. (state, mask, future): one decision, answered with its masked-argmax action (an int,
@@ -121,8 +126,9 @@ class _CudaRunner:
     """The GPU pass: pinned buffers, one copy each way, a CUDA graph per power-of-two bucket.
 
     Only ever called from the engine's single worker thread, so the graphs, buffers and the in-place
-    weight copies are serialised on one CUDA stream without locks. Cannot be exercised without a GPU;
-    tests/test_batcher.py::test_cuda_* cover it where one exists.
+    weight copies are serialised on one CUDA stream without locks. On a CPU device it runs the same
+    buffers and offsets eagerly, unpinned and without a stream, so CI tests the layout; the CUDA parts
+    (pinning, streams, graphs) are covered by tests/test_batcher.py::test_cuda_* where a GPU exists.
     """
 
     def __init__(self, net: QNetwork, max_batch: int, device: torch.device, use_graphs: bool = True) -> None:
@@ -135,25 +141,34 @@ class _CudaRunner:
         self.buckets = [1 << i for i in range(max(0, max_batch - 1).bit_length() + 1)]  # 1, 2, 4, ... >= max_batch
         width = self.obs_dim + self.n_actions
         top = self.buckets[-1]
+        gpu = device.type == "cuda"
         # State and mask packed in one row so each pass makes exactly one host-to-device copy.
-        self.host_in = torch.zeros((top, width), dtype=torch.float32).pin_memory()
-        # Q-values and the masked argmax (as a float: exact below 2**24) packed in one row: one copy back.
-        self.host_out = torch.zeros((top, self.n_actions + 1), dtype=torch.float32).pin_memory()
+        self.host_in = torch.zeros((top, width), dtype=torch.float32)
+        # Out: for a bucket of b rows, its Q-values (b x n_actions) then its b actions (as floats: exact
+        # below 2**24), adjacent in one buffer, so either the actions alone or both are ONE copy back.
+        self.host_out = torch.zeros(top * (self.n_actions + 1), dtype=torch.float32)
+        if gpu:
+            self.host_in, self.host_out = self.host_in.pin_memory(), self.host_out.pin_memory()
         self.dev_in = torch.zeros((top, width), dtype=torch.float32, device=device)
-        self.dev_out = torch.zeros((top, self.n_actions + 1), dtype=torch.float32, device=device)
-        self.stream = torch.cuda.Stream(device=device)
+        self.dev_out = torch.zeros(top * (self.n_actions + 1), dtype=torch.float32, device=device)
+        self.stream = torch.cuda.Stream(device=device) if gpu else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if use_graphs:
+        if use_graphs and gpu:
             self._capture()
 
     def _step(self, b: int) -> None:
         inp = self.dev_in[:b]
         q = self.net(inp[:, : self.obs_dim])
-        out = self.dev_out[:b]
-        out[:, : self.n_actions].copy_(q)
-        out[:, self.n_actions].copy_(masked_argmax(q, inp[:, self.obs_dim :] > 0.5))
+        n = self.n_actions
+        self.dev_out[: b * n].view(b, n).copy_(q)
+        self.dev_out[b * n : b * (n + 1)].copy_(masked_argmax(q, inp[:, self.obs_dim :] > 0.5))
+
+    def _sync(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def _capture(self) -> None:
+        assert self.stream is not None
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # buffers were zeroed on the default stream
         with torch.cuda.stream(self.stream), torch.no_grad():
             for b in self.buckets:  # warm-up on the side stream, as torch.cuda.graphs docs require
@@ -180,20 +195,23 @@ class _CudaRunner:
         hin = self.host_in.numpy()
         return hin[:, : self.obs_dim], hin[:, self.obs_dim :]
 
-    def run(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """Stage a batch into pinned memory, then `run_staged` (its packed output)."""
+    def run(self, states: np.ndarray, masks: np.ndarray, with_q: bool = False) -> PassResult:
+        """Stage a batch into pinned memory, then `run_staged`."""
         k = states.shape[0]
         hs, hm = self.staging
         hs[:k] = states
         hm[:k] = masks
-        return self.run_staged(k)
+        return self.run_staged(k, with_q)
 
-    def run_staged(self, k: int) -> np.ndarray:
-        """The device pass over the first k staged rows: one copy in, graph replay, one copy out.
-        Returns (k, n_actions + 1): Q-values, then the masked argmax."""
+    def run_staged(self, k: int, with_q: bool = False) -> PassResult:
+        """The device pass over the first k staged rows: one copy in, graph replay, one copy out (the
+        actions, or Q-values and actions when `with_q`)."""
         b = self.bucket(k)
+        n = self.n_actions
         if b > k:
             self.host_in.numpy()[k:b] = 1.0  # padding rows: any valid mask; their answers are ignored
+        lo = 0 if with_q else b * n
+        hi = b * (n + 1)
         with torch.cuda.stream(self.stream), torch.no_grad():
             self.dev_in[:b].copy_(self.host_in[:b], non_blocking=True)
             g = self.graphs.get(b)
@@ -201,9 +219,11 @@ class _CudaRunner:
                 g.replay()
             else:
                 self._step(b)
-            self.host_out[:b].copy_(self.dev_out[:b], non_blocking=True)
-            self.stream.synchronize()  # in the worker thread, never on the event loop
-        return self.host_out.numpy()[:k].copy()
+            self.host_out[lo:hi].copy_(self.dev_out[lo:hi], non_blocking=True)
+            self._sync()  # in the worker thread, never on the event loop
+        out = self.host_out.numpy()
+        actions = out[b * n : b * n + k].astype(np.int64)
+        return actions, (out[: b * n].reshape(b, n)[:k].copy() if with_q else None)
 
     def load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Copy new weights IN PLACE: the captured graphs keep reading the same parameter storage."""
@@ -212,7 +232,7 @@ class _CudaRunner:
             for name, value in state_dict.items():
                 if name in params:
                     params[name].copy_(value, non_blocking=True)
-            self.stream.synchronize()
+            self._sync()
 
 
 class InferenceEngine:
@@ -340,22 +360,16 @@ class InferenceEngine:
             raise RuntimeError("no model loaded")
         return numpy_q(w, states)
 
-    def forward_packed(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        """One synchronous pass over a (k, obs_dim) batch: (k, n_actions + 1) float32, the Q-values
-        and then the masked argmax (what one off-loop pass returns; on CUDA one device-to-host copy)."""
+    def forward_pass(self, states: np.ndarray, masks: np.ndarray, with_q: bool = False) -> PassResult:
+        """One synchronous pass over a (k, obs_dim) batch: what an off-loop pass returns."""
         if self._cuda is not None:
-            return self._cuda.run(states, masks)
+            return self._cuda.run(states, masks, with_q)
         q = self.q_values(states)
-        out = np.empty((q.shape[0], self.n_actions + 1), dtype=np.float32)
-        out[:, : self.n_actions] = q
-        out[:, self.n_actions] = numpy_masked_argmax(q, masks)
-        return out
+        return numpy_masked_argmax(q, masks), (q if with_q else None)
 
     def forward(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """One synchronous pass: masked argmax actions for a (k, obs_dim) batch."""
-        if self._cuda is not None:
-            return self._cuda.run(states, masks)[:, self.n_actions].astype(np.int64)
-        return numpy_masked_argmax(self.q_values(states), masks)
+        return self.forward_pass(states, masks)[0]
 
     def forward_sync(self, states: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """A pass outside the loop (benchmarks, tests), on whichever thread owns the device."""
@@ -461,22 +475,24 @@ class InferenceEngine:
         assert loop is not None and self._executor is not None
         # Rows are already staged (pinned memory on CUDA); nothing stages the next batch before this
         # pass returns, so the worker reads them without a copy.
+        with_q = decisions < len(batch)
         if self._cuda is not None:
-            cfut = self._executor.submit(self._cuda.run_staged, k)
+            cfut = self._executor.submit(self._cuda.run_staged, k, with_q)
         else:
-            cfut = self._executor.submit(self.forward_packed, self._xbuf[:k], self._mbuf[:k])
+            cfut = self._executor.submit(self.forward_pass, self._xbuf[:k], self._mbuf[:k], with_q)
         if self.deadline_s is not None:
             self._timer = loop.call_later(self.deadline_s, self._expire, batch, cfut)
 
-        def done(f: concurrent.futures.Future[np.ndarray]) -> None:
+        def done(f: concurrent.futures.Future[PassResult]) -> None:
             if not loop.is_closed():  # shutting down: nobody is waiting any more
                 loop.call_soon_threadsafe(self._finish, batch, f)
 
         cfut.add_done_callback(done)
 
-    def _deliver(self, batch: list[_Entry], out: np.ndarray) -> None:
-        n = self.n_actions
-        actions = out[:, n].astype(np.int64).tolist()
+    @staticmethod
+    def _deliver(batch: list[_Entry], result: PassResult) -> None:
+        actions = result[0].tolist()
+        q = result[1]
         k = 0
         for rows, mask, f in batch:
             if mask is not None:
@@ -486,7 +502,7 @@ class InferenceEngine:
             else:
                 r = rows.shape[0]
                 if not f.done():
-                    f.set_result(out[k : k + r, :n])
+                    f.set_result(q[k : k + r] if q is not None else None)
                 k += r
 
     @staticmethod
@@ -496,7 +512,7 @@ class InferenceEngine:
             if not f.done():
                 f.set_result(DEADLINE_MISSED if mask is not None else None)
 
-    def _expire(self, batch: list[_Entry], cfut: concurrent.futures.Future[np.ndarray]) -> None:
+    def _expire(self, batch: list[_Entry], cfut: concurrent.futures.Future[PassResult]) -> None:
         """The running off-loop pass is late: its requests fall back, and so does everything queued
         behind it (a stalled device must not hold requests); re-armed until the pass returns. A pass
         that finished but whose completion callback has not run yet (loop busy) is not late."""
@@ -508,7 +524,7 @@ class InferenceEngine:
         if self.deadline_s is not None and self._loop is not None:
             self._timer = self._loop.call_later(self.deadline_s, self._expire, [], cfut)
 
-    def _finish(self, batch: list[_Entry], cfut: concurrent.futures.Future[np.ndarray]) -> None:
+    def _finish(self, batch: list[_Entry], cfut: concurrent.futures.Future[PassResult]) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
