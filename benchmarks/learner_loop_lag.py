@@ -29,6 +29,7 @@ from common import command, machine, write_result  # noqa: E402
 from lbproxy.config import Settings  # noqa: E402
 from lbproxy.observe import ClusterView, action_mask, encode_state  # noqa: E402
 from lbproxy.policies.dqn import create_dqn_runtime  # noqa: E402
+from lbproxy.rl.replay import TransitionBatch  # noqa: E402
 
 WARMUP_S = 60.0
 """Longest wait for the first update (a spawned learner process imports torch first)."""
@@ -49,12 +50,12 @@ async def measure(learner: str, seconds: float) -> dict[str, float]:
     assert lrn is not None
     state, mask = encode_state(view, 0), action_mask(view)
     for i in range(1000):
-        lrn.add_transition(state, i % 4, -0.1, state, mask)
+        lrn.add_transitions(TransitionBatch(state[None], [i % 4], [-0.1], state, mask))
     if learner != "none":
         await rt.start()
         deadline = time.monotonic() + WARMUP_S
         while lrn.updates == 0 and time.monotonic() < deadline:
-            lrn.add_transition(state, 0, -0.1, state, mask)
+            lrn.add_transitions(TransitionBatch(state[None], [0], [-0.1], state, mask))
             await asyncio.sleep(0.01)
     gaps: list[float] = []
     u0 = lrn.updates
@@ -68,7 +69,7 @@ async def measure(learner: str, seconds: float) -> dict[str, float]:
         last = now
         n += 1
         if n % 64 == 0:  # decisions keep arriving: the learner is always owed updates
-            lrn.add_transition(state, n % 4, -0.1, state, mask)
+            lrn.add_transitions(TransitionBatch(state[None], [n % 4], [-0.1], state, mask))
     updates = lrn.updates - u0
     if learner != "none":
         await rt.stop()

@@ -74,7 +74,9 @@ async def test_reward_join_builds_the_right_transition() -> None:
     out = Outcome(backend=action, req_class=1, latency_s=0.25, error=False, decision_id=did)
     view.on_complete(out, now_s=0.3)
     policy.observe(out, view, now_s=0.3)
-    assert rt.replay is not None and len(rt.replay) == 1
+    assert rt.replay is not None and len(rt.replay) == 0, "joined at the end of the loop iteration"
+    await asyncio.sleep(0)
+    assert len(rt.replay) == 1
     s = rt.replay.sample(1)
     np.testing.assert_allclose(s.obs[0].numpy(), state_before)
     assert int(s.actions.reshape(-1)[0]) == action
@@ -84,8 +86,46 @@ async def test_reward_join_builds_the_right_transition() -> None:
     # A second outcome for the same id (or an unknown id) adds nothing.
     policy.observe(out, view, now_s=0.4)
     policy.observe(Outcome(backend=0, req_class=0, latency_s=0.1, error=True, decision_id=12345), view, 0.4)
+    await asyncio.sleep(0)
     assert len(rt.replay) == 1
     rt.engine.close()
+
+
+async def test_one_iterations_outcomes_join_together_with_the_state_after_them() -> None:
+    """Outcomes of one loop iteration enter the replay together, each class's s' encoded once from
+    the view after all of them (the state the next decisions start from); a later iteration's
+    outcome gets the view of its own iteration. Nothing joined is lost when the runtime stops."""
+    view = ClusterView.create(3)
+    rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
+    policy, replay = rt.policy, rt.replay
+    assert replay is not None
+    routed = []
+    for req_class in (0, 2, 0, 0):
+        action, did = await resolve(policy.decide(req_class, view, now_s=0.0))
+        view.on_dispatch(action)
+        routed.append((req_class, action, did))
+    await asyncio.sleep(0)
+    for req_class, action, did in routed[:3]:  # one iteration: three completions, two classes
+        out = Outcome(backend=action, req_class=req_class, latency_s=0.1, error=False, decision_id=did)
+        view.on_complete(out, now_s=0.1)
+        policy.observe(out, view, now_s=0.1)
+    after = {c: encode_state(view, c) for c in (0, 2)}
+    await asyncio.sleep(0)
+    assert len(replay) == 3
+    got = {(int(replay.actions[i]), tuple(replay.obs[i])): replay.next_obs[i] for i in range(3)}
+    assert sorted(int(replay.actions[i]) for i in range(3)) == sorted(a for _c, a, _d in routed[:3])
+    for i in range(3):
+        c = int(np.argmax(replay.obs[i][-4:-1]))  # the class one-hot of s
+        np.testing.assert_array_equal(replay.next_obs[i], after[c])
+    assert len(got) == 3
+    req_class, action, did = routed[3]
+    out = Outcome(backend=action, req_class=req_class, latency_s=0.2, error=False, decision_id=did)
+    view.on_complete(out, now_s=0.2)
+    policy.observe(out, view, now_s=0.2)
+    await rt.stop()  # flushes what the last iteration joined
+    assert len(replay) == 4
+    np.testing.assert_array_equal(replay.next_obs[3], encode_state(view, 0))
+    assert not np.array_equal(replay.next_obs[3], after[0])
 
 
 async def test_error_outcome_is_penalised() -> None:
@@ -96,6 +136,7 @@ async def test_error_outcome_is_penalised() -> None:
     out = Outcome(backend=action, req_class=0, latency_s=0.05, error=True, decision_id=did)
     view.on_complete(out, 0.05)
     rt.policy.observe(out, view, 0.05)
+    await asyncio.sleep(0)
     s = rt.replay.sample(1)
     assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.05, True))
     rt.engine.close()
@@ -119,6 +160,7 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
                 view.on_complete(out, n * 0.01 + 0.005)
                 rt.policy.observe(out, view, n * 0.01 + 0.005)
                 n += 1
+            await asyncio.sleep(0)  # the loop iteration ends: its outcomes join the replay
             deadline = time.monotonic() + 10.0
             while lrn.backlog > 0 and len(rt.replay) >= lrn.learning_starts and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)

@@ -29,7 +29,7 @@ from lbproxy.rl.checkpoint import (
 )
 from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
 from lbproxy.rl.network import QNetwork, masked_argmax
-from lbproxy.rl.replay import ReplayBuffer, ReplaySamples
+from lbproxy.rl.replay import ReplayBuffer, ReplaySamples, TransitionBatch
 from lbproxy.rl.schedule import EpsilonSchedule
 
 OBS_DIM = feature_dim()
@@ -89,6 +89,27 @@ def test_replay_ring_wraps_and_samples_only_written_rows() -> None:
     assert torch.equal(s.next_mask.float().argmax(dim=1), k % 4)
     assert torch.equal(s.dones, (k % 2 == 0).float())
     assert s.obs.dtype == torch.float32 and s.actions.dtype == torch.int64 and s.next_mask.dtype == torch.bool
+
+
+def test_replay_add_batch_matches_row_by_row_adds_across_the_wrap() -> None:
+    """`add_batch` (the live join: one shared s' row, or one per transition) leaves the ring exactly as
+    the same transitions added one by one would, wrapping included, and keeps only the newest rows
+    of a batch larger than the buffer."""
+    rng = np.random.default_rng(3)
+    one, batch = ReplayBuffer(7, obs_dim=3, n_actions=4), ReplayBuffer(7, obs_dim=3, n_actions=4)
+    for k, shared in ((4, True), (5, False), (2, True), (9, False)):  # 4 + 5 wraps; 9 > capacity
+        obs = rng.random((k, 3), dtype=np.float32)
+        actions = rng.integers(0, 4, k).tolist()
+        rewards = rng.random(k).tolist()
+        next_obs = rng.random(3, dtype=np.float32) if shared else rng.random((k, 3), dtype=np.float32)
+        next_mask = rng.random(4) < 0.5 if shared else rng.random((k, 4)) < 0.5
+        for i in range(k):
+            nxt, nmask = (next_obs, next_mask) if shared else (next_obs[i], next_mask[i])
+            one.add(obs[i], actions[i], rewards[i], nxt, nmask)
+        batch.add_batch(TransitionBatch(obs, actions, rewards, next_obs, next_mask))
+        assert (batch.pos, batch.size) == (one.pos, one.size)
+        for field in ("obs", "actions", "rewards", "next_obs", "next_mask", "dones"):
+            np.testing.assert_array_equal(getattr(batch, field), getattr(one, field), err_msg=field)
 
 
 def test_replay_empty_sample_is_an_error() -> None:

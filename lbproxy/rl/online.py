@@ -2,12 +2,15 @@
 
 A routed request's decision (state, action, mask) waits in a bounded :class:`DecisionTable` until
 its outcome arrives; then it becomes a transition ``(s, a, r, s', mask')`` in the replay buffer,
-with ``s'`` read from the view AFTER the pool recorded the completion (DESIGN.md §4).
+with ``s'`` read from the view AFTER the pool recorded the completion (DESIGN.md §4): the dqn policy
+joins a loop iteration's outcomes together at its end, with ``s'`` the view then, the state the next
+decisions start from (policies/dqn.py).
 
 The :class:`BackgroundLearner` runs Double-DQN updates in a worker THREAD, paced by a token bucket
 that completed decisions fill (`updates_per_decision` tokens each), and publishes new weights to the
 inference engine every `weight_sync_every` updates through ``loop.call_soon_threadsafe``. The event
-loop only ever does ``replay.add`` (a row copy) and a reference swap; all torch work is in the thread.
+loop only ever does ``replay.add_batch`` (row copies) and a reference swap; all torch work is in the
+thread.
 :class:`ProcessLearner` (``--learner-process``) is the same contract with the updates in a separate
 process (shared-memory replay and weights). The thread is the default: on 2 cores it kept throughput
 higher and ran more updates per second (benchmarks/results/dqn_proxy.md); torch releases the GIL in
@@ -29,6 +32,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from lbproxy.rl.replay import TransitionBatch
 
 DEFAULT_TABLE_MAX_ENTRIES = 65_536
 """Decisions awaiting an outcome; far above any realistic in-flight count (the connector limits it)."""
@@ -110,9 +115,7 @@ class DecisionTable:
 
 
 class _Replay(Protocol):
-    def add(
-        self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, next_mask: np.ndarray, done: bool = ...
-    ) -> None: ...
+    def add_batch(self, batch: TransitionBatch) -> None: ...
 
     def sample(self, batch_size: int, device: torch.device | str = ...) -> Any: ...
 
@@ -134,8 +137,8 @@ class _Learner(Protocol):
 class BackgroundLearner:
     """Runs learner updates in a worker thread at `updates_per_decision` x completed decisions.
 
-    Threading contract: `add_transition` and `stop` are called on the event loop thread; everything
-    else runs in the worker. `replay.add` and `replay.sample` may overlap (the ReplayBuffer copies
+    Threading contract: `add_transitions` and `stop` are called on the event loop thread; everything
+    else runs in the worker. `replay.add_batch` and `replay.sample` may overlap (the ReplayBuffer copies
     under its own lock). `paused()` holds the update lock so a checkpoint sees a consistent learner.
     """
 
@@ -178,11 +181,10 @@ class BackgroundLearner:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- loop side --------------------------------------------------------------------------------
-    def add_transition(
-        self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, next_mask: np.ndarray
-    ) -> None:
-        self.replay.add(obs, action, reward, next_obs, next_mask, False)
-        self.fed += 1
+    def add_transitions(self, batch: TransitionBatch) -> None:
+        """Joined outcomes into the replay; each earns update tokens."""
+        self.replay.add_batch(batch)
+        self.fed += batch.obs.shape[0]
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         if self._thread is not None:
@@ -471,11 +473,9 @@ class ProcessLearner:
         self._lock = threading.Lock()
 
     # --- loop side ----------------------------------------------------------------------------------
-    def add_transition(
-        self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, next_mask: np.ndarray
-    ) -> None:
-        self.replay.add(obs, action, reward, next_obs, next_mask, False)
-        self.fed += 1
+    def add_transitions(self, batch: TransitionBatch) -> None:
+        self.replay.add_batch(batch)
+        self.fed += batch.obs.shape[0]
         head = self._head
         head[_H_SIZE] = self.replay.size
         head[_H_FED] = self.fed

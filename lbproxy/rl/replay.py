@@ -13,6 +13,7 @@ loop never waits on a gradient step, and a sample never sees a half-written row.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,6 +29,17 @@ class ReplaySamples(NamedTuple):
     next_obs: torch.Tensor  # (B, obs_dim) float32
     next_mask: torch.Tensor  # (B, n_actions) bool: valid actions in s'
     dones: torch.Tensor  # (B,) float32: 1.0 where s' is terminal (no bootstrap)
+
+
+class TransitionBatch(NamedTuple):
+    """k non-terminal transitions: rows of `obs` with their actions and rewards; `next_obs` and
+    `next_mask` are k rows, or one row that all k share (the live join's s')."""
+
+    obs: np.ndarray
+    actions: Sequence[int]
+    rewards: Sequence[float]
+    next_obs: np.ndarray
+    next_mask: np.ndarray
 
 
 class ReplayBuffer:
@@ -74,6 +86,35 @@ class ReplayBuffer:
             self.pos = (i + 1) % self.capacity
             if self.size < self.capacity:
                 self.size += 1
+
+    def add_batch(self, batch: TransitionBatch) -> None:
+        """k transitions at once: slice writes under one lock (the live proxy adds a loop iteration's
+        joined outcomes together; ~0.3 µs a row instead of ~1.5 µs for `add`)."""
+        obs, actions, rewards, next_obs, next_mask = batch
+        k = obs.shape[0]
+        if k == 0:
+            return
+        drop = max(0, k - self.capacity)  # only the newest `capacity` rows would survive anyway
+        if drop:
+            obs, actions, rewards = obs[drop:], actions[drop:], rewards[drop:]
+            if next_obs.ndim == 2:
+                next_obs, next_mask = next_obs[drop:], next_mask[drop:]
+            k = self.capacity
+        with self._lock:
+            i = (self.pos + drop) % self.capacity
+            first = min(k, self.capacity - i)  # rows before the ring wraps
+            for lo, hi, dst in ((0, first, i), (first, k, 0)):
+                if hi <= lo:
+                    continue
+                rows = slice(dst, dst + hi - lo)
+                self.obs[rows] = obs[lo:hi]
+                self.actions[rows] = actions[lo:hi]
+                self.rewards[rows] = rewards[lo:hi]
+                self.next_obs[rows] = next_obs if next_obs.ndim == 1 else next_obs[lo:hi]
+                self.next_mask[rows] = next_mask if next_mask.ndim == 1 else next_mask[lo:hi]
+                self.dones[rows] = 0.0
+            self.pos = (i + k) % self.capacity
+            self.size = min(self.capacity, self.size + k)
 
     def sample(self, batch_size: int, device: torch.device | str = "cpu") -> ReplaySamples:
         """Uniform minibatch. The gather (fancy indexing copies) happens under the lock; the tensor
