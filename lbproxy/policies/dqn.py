@@ -220,7 +220,7 @@ class DqnPolicy:
     def _snapshot(self, req_class: int, view: ClusterView) -> _Snapshot:
         """A new snapshot for the class (first use in this iteration, new candidates, or max_batch
         decisions taken from the last one). All are retired by one callback queued behind the
-        iteration's handlers (asyncio and uvloop run callbacks queued during an iteration in the next)."""
+        iteration's handlers."""
         snap = self._snapshots[req_class]
         if snap is not None:
             self._retire(snap)
@@ -237,12 +237,17 @@ class DqnPolicy:
         if snap.q is not None:
             self._evaluated.remove(snap)
 
+    def _soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` after the handlers already queued for this loop iteration (asyncio and uvloop
+        run callbacks queued during an iteration in the next one, in order)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        loop.call_soon(callback)
+
     def _arm_clear(self) -> None:
         if not self._clear_armed:
-            loop = self._loop
-            if loop is None or loop.is_closed():
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._clear_snapshots)
+            self._soon(self._clear_snapshots)
             self._clear_armed = True
 
     def _clear_snapshots(self) -> None:
@@ -415,16 +420,13 @@ class DqnPolicy:
         if not self._join_armed:
             self._join_view = view
             self._join_armed = True
-            loop = self._loop
-            if loop is None or loop.is_closed():
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self.flush_joins)
+            self._soon(self.flush_joins)
 
     def flush_joins(self) -> None:
         """The outcomes joined in one loop iteration become transitions together, with s' encoded once
         per class from the view as it is now: after the pool applied all of the iteration's
-        completions, the state the next decisions start from. (Per completion, the encoding and the
-        replay rows cost the loop ~7 µs a request; batched, ~1 µs: benchmarks/results/dqn_proxy.md.)"""
+        completions, the state the next decisions start from. (Done per completion, the encoding and
+        the replay row cost the loop ~7 µs a request; batched, ~4: benchmarks/results/dqn_proxy.md.)"""
         self._join_armed = False
         view, learner = self._join_view, self.learner
         if view is None or learner is None:
