@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything issue 4 asks of a GPU, in one run on the device machine (H200, no network):
 #   device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
-# after `bash benchmarks/gpu_wheels.sh` here. ~30 s of work on a CPU here; the stages are capped at
-# 120 + 150 + 120 s so one run leaves a 15-minute lease room for a second. Writes to $OUT (or ./gpu_out): the GPU tests' log,
-# benchmarks/results/decision_latency.md's H200 version, and the learner step timings.
+# after `bash benchmarks/gpu_wheels.sh` here. About 30 s of work on this CPU machine; the stages are
+# capped at 120 + 150 + 120 s so one run leaves a 15-minute lease room for a second. Writes to $OUT
+# (or ./gpu_out): the GPU tests' log, the H200 version of benchmarks/results/decision_latency.md, and
+# the learner step timings.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
