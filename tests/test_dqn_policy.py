@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import threading
 
 import numpy as np
 import pytest
 import torch
+from gated_engine import GatedEngine
 
 from lbproxy.config import Settings
 from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, PER_BACKEND_FEATURES, ClusterView, Outcome, encode_state
 from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn import DqnPolicy, DqnRuntime, create_dqn_runtime
-from lbproxy.rl.batcher import InferenceEngine
 from lbproxy.rl.network import QNetwork
 from lbproxy.telemetry import Metrics
 
@@ -164,19 +163,6 @@ async def test_max_batch_bounds_the_decisions_one_pass_answers() -> None:
 
 
 # --- off-loop: passes in a device thread (CUDA; `thread` runs the same machinery on CPU) ------------------
-class GatedEngine(InferenceEngine):
-    """The off-loop engine, with passes that wait for `gate` (a device still busy)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def q_values(self, states: np.ndarray) -> np.ndarray:
-        self.gate.wait(5.0)
-        return super().q_values(states)
-
-
 def off_loop_policy(
     net: QNetwork, metrics: Metrics | None = None, deadline_s: float | None = None, device: str = "cpu"
 ) -> DqnPolicy:

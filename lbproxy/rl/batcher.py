@@ -51,9 +51,9 @@ PassResult = tuple[np.ndarray, "np.ndarray | None"]
 when the pass carried a Q-value block (else None: only the actions are copied back)."""
 
 _Entry = tuple[np.ndarray, "np.ndarray | None", "asyncio.Future[Any]"]
-"""Queued work. (state, mask, future): one decision, answered with its masked-argmax action (an int,
-or DEADLINE_MISSED). (rows, None, future): a (r, obs_dim) block, answered with its (r, n_actions)
-Q-values, or None when the pass was late or failed."""
+"""Queued work. (state, mask, future): one decision, answered with its masked-argmax action (an int),
+or DEADLINE_MISSED. (rows, None, future): a (r, obs_dim) block, answered with its (r, n_actions)
+Q-values, or None. A pass that was late or failed gives DEADLINE_MISSED / None."""
 
 DEADLINE_MISSED = -1
 """`decide` returns this when the answer came later than the deadline (the caller falls back)."""
@@ -403,9 +403,10 @@ class InferenceEngine:
         return q
 
     async def decide(self, state: np.ndarray, mask: np.ndarray) -> int:
-        """The action for one state (masked argmax), or DEADLINE_MISSED when the engine was too slow,
-        on either path (benchmarks and tests; the dqn policy calls `q_now`/`submit` itself). The
-        caller keeps ownership of `state`/`mask` but must not mutate them until this returns."""
+        """The action for one state (masked argmax), or DEADLINE_MISSED when the engine was too slow (or,
+        off-loop, its pass failed), on either path (benchmarks and tests; the dqn policy calls
+        `q_now`/`submit_q` itself). The caller keeps ownership of `state`/`mask` but must not mutate
+        them until this returns."""
         if self.inline:
             q = self.q_now(state)
             self.record_pass(1)
@@ -414,14 +415,14 @@ class InferenceEngine:
 
     # --- continuous batching (off-loop path) ---------------------------------------------------------
     def submit(self, state: np.ndarray, mask: np.ndarray) -> asyncio.Future[int]:
-        """Queue one state for the next off-loop pass; the future gives its masked-argmax action (or
-        DEADLINE_MISSED). No coroutine frame per decision."""
+        """Queue one state for the next off-loop pass; the future gives its masked-argmax action, or
+        DEADLINE_MISSED when the pass was late or failed. No coroutine frame per decision."""
         return self._enqueue(state, mask)
 
     def submit_q(self, rows: np.ndarray) -> asyncio.Future[np.ndarray | None]:
         """Queue a (r, obs_dim) block for the next off-loop pass; the future gives its (r, n_actions)
-        Q-values, or None when the pass was late or failed (the caller falls back: routing must not
-        fail because inference did; the failure is kept in `last_error`)."""
+        Q-values, or None when the pass was late or failed (the caller falls back; a failure is kept
+        in `last_error`)."""
         if rows.ndim != 2 or not 1 <= rows.shape[0] <= self._rows:
             raise ValueError(f"submit_q takes 1 to {self._rows} rows of obs_dim, got shape {rows.shape}")
         return self._enqueue(rows, None)
@@ -529,14 +530,9 @@ class InferenceEngine:
             self._timer.cancel()
             self._timer = None
         exc = cfut.exception()
-        if exc is not None:
+        if exc is not None:  # routing must not fail because inference did: answered as a late pass
             self.last_error = exc
-            for _rows, mask, f in batch:
-                if not f.done():
-                    if mask is None:
-                        f.set_result(None)
-                    else:
-                        f.set_exception(exc)
+            self._give_up(batch)
         else:
             self._deliver(batch, cfut.result())
         self._start_pass()
