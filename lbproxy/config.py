@@ -22,9 +22,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lbproxy.observe import ERROR_PENALTY, LATENCY_SCALE_S, MAX_BACKENDS
+from lbproxy.observe import ERROR_PENALTY, MAX_BACKENDS
 
-POLICY_NAMES = ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed", "dqn")
+POLICY_NAMES = ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed", "prequal", "c3", "dqn")
 
 
 class ConfigError(Exception):
@@ -156,9 +156,19 @@ class Settings(BaseSettings):
     scenario: str | None = Field(
         None,
         description="Simulator scenario: a shipped name (see `lbproxy "
-        "--list-scenarios`) or a TOML file path. Default: the three-phase curriculum cluster.",
+        "--list-scenarios`), a TOML file path, or `generated` (a new random cluster every episode: the "
+        "general model's training distribution). Default: the three-phase curriculum cluster.",
     )
-    episodes: int | None = Field(None, ge=1, description="Episodes to run (train default 6000, evaluate 50).")
+    episodes: int | None = Field(
+        None, ge=1, description="Episodes to run (train default 6000; evaluate 50, or 4 per cluster with --suite)."
+    )
+    suite: str | None = Field(
+        None,
+        description="Evaluate on a suite of clusters instead of one scenario: evaluation:N (N held-out generated "
+        "clusters), validation:N (clusters to tune on), shipped (every shipped scenario), joined by '+', e.g. "
+        "evaluation:200+shipped.",
+    )
+    jobs: int = Field(1, ge=1, description="Worker processes for --suite evaluation.")
     episode_decisions: int = Field(256, ge=1, description="Routed decisions per episode.")
     run_dir: Path = Field(Path("runs/default"), description="Where checkpoints/, metrics/ and reports go.")
     resume: bool = Field(False, description="Continue training from the newest checkpoint in run_dir.")
@@ -189,13 +199,24 @@ class Settings(BaseSettings):
     eps_start: float = Field(1.0, ge=0, le=1, description="Initial exploration rate.")
     eps_end: float = Field(0.02, ge=0, le=1, description="Final exploration rate.")
     eps_fraction: float = Field(0.3, gt=0, le=1, description="Share of training over which epsilon decays.")
-    hidden: int = Field(128, ge=4, description="Hidden width of the Q-network.")
-    dueling: bool = Field(False, description="Use a dueling Q head.")
+    hidden: int = Field(64, ge=4, description="Hidden width of the Q-network's per-backend rows.")
     grad_clip: float = Field(10.0, gt=0, description="Gradient-norm clip.")
-    latency_scale_s: float = Field(LATENCY_SCALE_S, gt=0, description="Reward latency scale (s).")
-    error_penalty: float = Field(ERROR_PENALTY, ge=0, description="Reward penalty for an error or timeout.")
+    error_penalty: float = Field(
+        ERROR_PENALTY,
+        ge=0,
+        description="Reward penalty for an error or timeout, in typical latencies of the cluster (the "
+        "reward's unit: latency / the cluster's typical service time).",
+    )
     decision_deadline_us: float = Field(
         500.0, gt=0, description="Max DQN decision wait before falling back to peak_ewma (µs)."
+    )
+    control_share: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Guardrail: share of requests routed by the fallback heuristic (peak_ewma) as a control "
+        "arm; when the DQN arm is worse with statistical confidence, everything is routed by the fallback "
+        "until it recovers (lbproxy/guardrail.py). 0 disables the guardrail.",
     )
     max_batch: int = Field(
         256,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lbproxy.config import ConfigError, Settings
-from lbproxy.observe import ClusterView, Outcome, action_mask, encode_state, percentile
+from lbproxy.observe import percentile
 from lbproxy.phases import phase_index_for_episode
 from lbproxy.rl.network import QNetwork
 from lbproxy.rl.trainer import WARMUP_DECISIONS, run_episode
@@ -42,32 +42,6 @@ EVAL_SEED_BASE = 1_000_000
 
 def eval_sim_seed(seed: int, k: int) -> int:
     return EVAL_SEED_BASE + seed + k
-
-
-class GreedyDqn:
-    """The trained Q-network as a Policy: masked argmax over `encode_state`, nothing learned.
-
-    Same features and mask as the training agent (lbproxy.observe), batch-1 forward on the CPU.
-    """
-
-    name = "dqn"
-
-    def __init__(self, net: QNetwork, n_actions: int) -> None:
-        self._net = net.eval()
-        self._n_actions = n_actions
-        self._x = np.zeros(net.obs_dim, dtype=np.float32)
-        self._mask = np.zeros(n_actions, dtype=bool)
-        self._xt = torch.from_numpy(self._x)
-
-    def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
-        encode_state(view, req_class, self._n_actions, out=self._x)
-        action_mask(view, self._n_actions, out=self._mask)
-        with torch.inference_mode():
-            q = self._net(self._xt.unsqueeze(0))[0].numpy()
-        return int(np.argmax(np.where(self._mask, q, -np.inf)))
-
-    def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
-        """Greedy evaluation learns nothing."""
 
 
 @dataclass
@@ -104,7 +78,6 @@ def evaluate_policy(
     episodes: int,
     episode_decisions: int,
     seed: int,
-    latency_scale_s: float,
     error_penalty: float,
 ) -> PolicyResult:
     latencies: list[float] = []
@@ -121,7 +94,6 @@ def evaluate_policy(
             eval_sim_seed(seed, k),
             phase,
             episode_decisions,
-            latency_scale_s=latency_scale_s,
             error_penalty=error_penalty,
         )
         latencies.extend(stats.latencies)
@@ -148,7 +120,6 @@ def evaluate_policy(
 
 def load_greedy_model(path: Path) -> tuple[QNetwork, dict[str, Any]]:
     """The model file (dqn_final.pth or a training checkpoint) as a CPU network; one-line errors."""
-    from lbproxy.observe import MAX_BACKENDS, feature_dim
     from lbproxy.rl.checkpoint import CheckpointError, load_model
 
     if not path.is_file():
@@ -157,7 +128,7 @@ def load_greedy_model(path: Path) -> tuple[QNetwork, dict[str, Any]]:
             "and pass --model runs/NAME/dqn_final.pth"
         )
     try:
-        net, meta = load_model(path, device="cpu", expect_n_actions=MAX_BACKENDS, expect_obs_dim=feature_dim())
+        net, meta = load_model(path, device="cpu")
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     return net, meta
@@ -165,16 +136,18 @@ def load_greedy_model(path: Path) -> tuple[QNetwork, dict[str, Any]]:
 
 def policy_factories(net: QNetwork | None, seed: int) -> dict[str, PolicyFactory]:
     """dqn (when a network is given), every heuristic, then the SED oracle, in table order."""
-    from lbproxy.observe import MAX_BACKENDS
+    from lbproxy.observe import learning_width
     from lbproxy.policies import HEURISTICS, make_policy
+    from lbproxy.rl.agent import GreedyDqn
+    from lbproxy.rl.network import NumpyWeights
     from lbproxy.sim import SedOracle
 
     out: dict[str, PolicyFactory] = {}
     if net is not None:
-        dqn_net = net
+        weights = NumpyWeights.from_state_dict(net.state_dict())
 
         def dqn(sim: Any, k: int) -> GreedyDqn:
-            return GreedyDqn(dqn_net, MAX_BACKENDS)
+            return GreedyDqn(weights, learning_width(sim.n))
 
         out["dqn"] = dqn
     for name in HEURISTICS:
@@ -202,7 +175,6 @@ def evaluate_all(
             episodes=episodes,
             episode_decisions=episode_decisions,
             seed=settings.seed,
-            latency_scale_s=settings.latency_scale_s,
             error_penalty=settings.error_penalty,
         )
         for name, factory in factories.items()
@@ -255,11 +227,18 @@ AGGREGATION = (
 
 def run_evaluate(settings: Settings) -> int:
     from lbproxy.rl.checkpoint import default_model_path
-    from lbproxy.rl.trainer import _resolve_scenario
+    from lbproxy.sim import ScenarioError, load_scenario
 
     if settings.seed < 0:
         raise ConfigError(f"invalid setting --seed: must be >= 0 for evaluation, got {settings.seed}")
-    scenario = _resolve_scenario(settings)
+    if settings.suite is not None:
+        from lbproxy.evaluate_suite import run_suite
+
+        return run_suite(settings)
+    try:
+        scenario = load_scenario(settings.scenario)
+    except ScenarioError as exc:
+        raise ConfigError(str(exc)) from None
     model_path = settings.model if settings.model is not None else default_model_path()
     net, _meta = load_greedy_model(model_path)
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lbproxy.config import ConfigError, Settings
-from lbproxy.observe import MAX_BACKENDS, WindowStats, WindowSummary, feature_dim
+from lbproxy.observe import WindowStats, WindowSummary
 from lbproxy.policies.dqn import DqnRuntime, EpisodeTracker, create_dqn_runtime
 from lbproxy.serve import run_async
 from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter, Metrics
@@ -38,7 +38,7 @@ CHECKPOINT_RE = re.compile(r"dqn_episode_(\d+)\.pth$")
 def merge_windows(windows: list[WindowStats]) -> WindowStats:
     """One window over several episodes (the CSV row covers the last `metrics_every` episodes)."""
     n = max(len(w.load) for w in windows)
-    out = WindowStats(n, windows[0].latency_scale_s, windows[0].error_penalty)
+    out = WindowStats(n, windows[0].error_penalty)
     for w in windows:
         out.decisions += w.decisions
         out.accurate += w.accurate
@@ -95,10 +95,10 @@ class LiveTrainer:
                     "use a fresh --run-dir for live training"
                 )
             arch = payload.get("arch", {})
-            if arch.get("hidden") != s.hidden or arch.get("dueling") != s.dueling:
+            if arch.get("hidden") != s.hidden:
                 raise ConfigError(
-                    f"--resume: checkpoint network hidden={arch.get('hidden')} dueling={arch.get('dueling')} differs "
-                    f"from --hidden {s.hidden} --dueling {s.dueling}; pass the same network settings"
+                    f"--resume: checkpoint network hidden={arch.get('hidden')} differs from --hidden {s.hidden}; "
+                    "pass the same network settings"
                 )
             self.episode = int(payload["episode"])
             self.start_step = int(payload["decisions"])
@@ -107,12 +107,7 @@ class LiveTrainer:
             if not Path(s.init_model).is_file():
                 raise ConfigError(f"--init-model {str(s.init_model)!r} not found; pass an existing model file")
             try:
-                net, _meta = load_model(
-                    Path(s.init_model),
-                    device="cpu",
-                    expect_n_actions=MAX_BACKENDS,
-                    expect_obs_dim=feature_dim(MAX_BACKENDS),
-                )
+                net, _meta = load_model(Path(s.init_model), device="cpu")
             except CheckpointError as exc:
                 raise ConfigError(str(exc)) from None
             return net, None
@@ -213,8 +208,8 @@ class LiveTrainer:
         rt = self.rt
         assert rt is not None and rt.learner is not None and rt.arch is not None
         state = rt.learner.snapshot()
-        net = QNetwork(rt.arch["obs_dim"], rt.arch["n_actions"], rt.arch["hidden"], rt.arch["dueling"])
-        net.load_state_dict({k: v.cpu() for k, v in _online_state(state, rt).items()})
+        net = QNetwork(rt.arch["hidden"])
+        net.load_state_dict({k: v.cpu() for k, v in state["online"].items()})
         path = self.run_dir / "dqn_final.pth"
         save_model(
             path,
@@ -231,7 +226,7 @@ class LiveTrainer:
         s = self.settings
         net, learner_state = self._initial_state()
         n = len(s.backends)
-        tracker = EpisodeTracker(n, s.episode_decisions, s.latency_scale_s, s.error_penalty)
+        tracker = EpisodeTracker(n, s.episode_decisions, s.error_penalty)
         self.rt = rt = create_dqn_runtime(
             s,
             None,
@@ -288,15 +283,6 @@ class LiveTrainer:
                 flush=True,
             )
         return 0
-
-
-def _online_state(learner_state: dict[str, Any], rt: DqnRuntime) -> dict[str, Any]:
-    """The online network's weights inside a Learner.state_dict() (key name per rl/learner.py)."""
-    for key in ("online", "online_state_dict", "q", "model"):
-        if key in learner_state:
-            return dict(learner_state[key])
-    # Fallback: read the live network directly (the learner thread has stopped by now).
-    return {k: v.detach().clone() for k, v in rt.core.online.state_dict().items()}
 
 
 def run_train_live(settings: Settings) -> int:

@@ -6,9 +6,15 @@ so neither the proxy nor the simulator keeps per-backend statistics of its own: 
 :class:`ClusterView` through :meth:`ClusterView.on_dispatch` / :meth:`ClusterView.on_complete` and
 read everything else from here.
 
+A backend is known by how it behaves, never by its slot (DESIGN.md §4): the DQN's state is one row
+of behavioural features per backend (:func:`encode_state`) plus a small context, every latency in
+units of the cluster's own typical latency, so the same weights route a cluster of any size, in any
+order, at any latency scale. Measured 2026-12-01: a flat slot-indexed state learned "slot 2 is fast"
+and was 1.8-7x worse than least_conn off its training cluster.
+
 Hot-path note: per-backend state is kept in plain Python lists, not NumPy arrays. Heuristic
 policies read a handful of scalars per decision, and scalar indexing of a list costs ~20 ns against
-~100 ns for a NumPy element; only the DQN needs the dense vector (:func:`encode_state`).
+~100 ns for a NumPy element; only the DQN needs dense arrays, built once per loop iteration live.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from enum import IntEnum
 
 import numpy as np
 
-MAX_BACKENDS = 16
-"""Width of the state and action space; the pool may hold fewer backends (padded + masked)."""
+MAX_BACKENDS = 64
+"""Most backends one pool (and one state) holds. The Q-network scores each backend from its own row,
+so its weights do not depend on this: it only sizes the inference buffers."""
 
-PER_BACKEND_FEATURES = 5
-"""in-flight (normalised), peak-EWMA latency (normalised), EWMA error rate, available bit, recent share."""
+LEARNING_WIDTH_MIN = 16
+"""Rows of a learning state (replay buffer) at least; see :func:`learning_width`."""
 
 
 class RequestClass(IntEnum):
@@ -36,15 +43,6 @@ class RequestClass(IntEnum):
 
 
 NUM_CLASSES = len(RequestClass)
-
-GLOBAL_FEATURES = NUM_CLASSES + 1  # class one-hot + global in-flight
-
-
-def feature_dim(max_backends: int = MAX_BACKENDS) -> int:
-    return max_backends * PER_BACKEND_FEATURES + GLOBAL_FEATURES
-
-
-FEATURE_DIM = feature_dim()
 
 
 def classify_path(path: str) -> RequestClass:
@@ -66,18 +64,28 @@ DEFAULT_RTT_S = 0.03
 ERROR_EWMA_ALPHA = 0.05
 """Per-completion smoothing of the error rate: ~20 completions of memory, fast enough to see a fault."""
 
+LATENCY_EWMA_ALPHA = 0.1
+"""Per-completion smoothing of the per-class latency and service-time estimates (~10 completions)."""
+
+TYPICAL_EWMA_ALPHA = 0.01
+"""Smoothing of the cluster's typical service time (~100 completions): the unit every latency feature
+and the reward are expressed in. Slow on purpose: it is a scale, not a signal."""
+
 SHARE_DECAY = 0.01
-"""Per-decision decay of the recent-share counters (~100 decisions of memory)."""
+"""Per-completion decay of the recent-share counters (~100 completions of memory)."""
 
-INFLIGHT_SCALE = 8.0
-"""In-flight counts are divided by this before entering the network (keeps features ~[0, 2])."""
+CONCURRENCY_RISE = 0.3
+CONCURRENCY_FALL = 0.03
+"""Asymmetric smoothing of the observed concurrency (below): it rises quickly to evidence of more
+parallelism and forgets it slowly, because a lightly loaded backend only shows a lower bound."""
 
-LATENCY_SCALE_S = 0.1
-"""Latencies are divided by this in features and in the reward (100 ms ~ 1.0)."""
+ERROR_PENALTY = 50.0
+"""Reward penalty for an error or timeout, in typical latencies (an error costs as much as a response
+50 times slower than usual): large enough that the agent never prefers a failing backend for speed,
+including a crashed one that refuses connections in a millisecond."""
 
-ERROR_PENALTY = 5.0
-"""Reward penalty for an error or timeout, in units of `LATENCY_SCALE_S` (an error costs as much as
-a 500 ms response): large enough that the agent never prefers a failing backend for speed."""
+CLIP_RATIO = 50.0
+"""Latency ratios entering the network are clipped here (a stalled backend reads 'very slow', not inf)."""
 
 
 @dataclass(slots=True)
@@ -90,6 +98,13 @@ class Outcome:
     error: bool
     decision_id: int = -1
     service_time_s: float | None = None  # reported by the backend (header / simulator) when known
+    queued_behind: int = -1
+    """Requests in flight at the backend when this one was dispatched (-1: unknown). Requests sent to an
+    idle backend measure its pure service time even when it reports none (a backend we did not write)."""
+
+
+def _rows(n: int, value: float) -> list[list[float]]:
+    return [[value] * n for _ in range(NUM_CLASSES)]
 
 
 @dataclass(slots=True)
@@ -109,12 +124,36 @@ class ClusterView:
     capacity: list[float] = field(default_factory=list)
     """Relative capacity (configured weight, or workers x speed in the simulator); 1.0 when unknown."""
     service_time_s: list[float] = field(default_factory=list)
-    """EWMA of the per-request service time (backend-reported or simulated), falling back to latency."""
-    rate: list[float] = field(default_factory=list)
-    """Estimated requests/s each backend completes when busy: capacity / service_time_s. Kept current by
-    `on_complete` (one division per completion) so per-decision readers (SED, accuracy) allocate nothing."""
+    """EWMA of the per-request service time over all classes (backend-reported, else measured)."""
+    latency_s: list[float] = field(default_factory=list)
+    """EWMA of end-to-end latency over all classes (from the first completion on, no default in it)."""
+    samples: list[int] = field(default_factory=list)
+    """Completions seen per backend (capped)."""
+    class_latency_s: list[list[float]] = field(default_factory=list)
+    """[class][backend] EWMA of end-to-end latency (queueing included)."""
+    class_service_s: list[list[float]] = field(default_factory=list)
+    """[class][backend] EWMA of the service time: backend-reported, else the latency of requests sent
+    while the backend was idle (no queueing in them)."""
+    class_samples: list[list[int]] = field(default_factory=list)
+    """[class][backend] completions seen (capped): 0 means the class estimates are still the default."""
+    concurrency: list[float] = field(default_factory=list)
+    """Observed concurrency (how many requests the backend serves in parallel), by Little's law on each
+    completion: (queued_behind + 1) x service / latency is the backend's parallelism when the request
+    queued, a lower bound when it did not."""
+    class_rate: list[list[float]] = field(default_factory=list)
+    """[class][backend] estimated requests/s when busy: concurrency / class service time. Kept current by
+    `on_complete` so per-decision readers (SED, accuracy) allocate nothing."""
     share: list[float] = field(default_factory=list)
+    """Decayed count of recent completions (lazily scaled, see `shares`)."""
     last_update_s: list[float] = field(default_factory=list)
+    """Time of each backend's last completion."""
+    typical_s: list[float] = field(default_factory=list)
+    """[class] the cluster's typical service time: the unit of every latency feature."""
+    typical_all_s: float = DEFAULT_RTT_S
+    """The same over all classes: the unit of the reward."""
+    typical_samples: list[int] = field(default_factory=list)
+    """[class, then all] service-time samples behind `typical_s` / `typical_all_s` (capped): until there
+    are 1 / TYPICAL_EWMA_ALPHA of them the estimate is their plain mean, so the default never biases it."""
     candidates: list[int] = field(default_factory=list)
     total_in_flight: int = 0
     _share_scale: float = 1.0
@@ -132,9 +171,17 @@ class ClusterView:
             available=[True] * n,
             capacity=cap,
             service_time_s=[DEFAULT_RTT_S] * n,
-            rate=[c / DEFAULT_RTT_S for c in cap],
+            latency_s=[DEFAULT_RTT_S] * n,
+            samples=[0] * n,
+            class_latency_s=_rows(n, DEFAULT_RTT_S),
+            class_service_s=_rows(n, DEFAULT_RTT_S),
+            class_samples=[[0] * n for _ in range(NUM_CLASSES)],
+            concurrency=[1.0] * n,
+            class_rate=_rows(n, 1.0 / DEFAULT_RTT_S),
             share=[0.0] * n,
             last_update_s=[0.0] * n,
+            typical_s=[DEFAULT_RTT_S] * NUM_CLASSES,
+            typical_samples=[0] * (NUM_CLASSES + 1),
         )
         view.refresh_candidates()
         return view
@@ -159,7 +206,14 @@ class ClusterView:
         self.available.append(True)
         self.capacity.append(float(capacity))
         self.service_time_s.append(DEFAULT_RTT_S)
-        self.rate.append(float(capacity) / DEFAULT_RTT_S)
+        self.latency_s.append(DEFAULT_RTT_S)
+        self.samples.append(0)
+        for c in range(NUM_CLASSES):
+            self.class_latency_s[c].append(self.typical_s[c])
+            self.class_service_s[c].append(self.typical_s[c])
+            self.class_samples[c].append(0)
+            self.class_rate[c].append(1.0 / self.typical_s[c])
+        self.concurrency.append(1.0)
         self.share.append(0.0)
         self.last_update_s.append(0.0)
         self.refresh_candidates()
@@ -169,15 +223,10 @@ class ClusterView:
     def on_dispatch(self, i: int) -> None:
         self.in_flight[i] += 1
         self.total_in_flight += 1
-        # Lazy exponential decay of decision shares: bump the increment instead of scaling all slots.
-        self._share_scale /= 1.0 - SHARE_DECAY
-        self.share[i] += self._share_scale
-        if self._share_scale > 1e100:
-            self.share = [s / self._share_scale for s in self.share]
-            self._share_scale = 1.0
 
     def on_complete(self, out: Outcome, now_s: float) -> None:
         i = out.backend
+        c = out.req_class
         self.in_flight[i] -= 1
         self.total_in_flight -= 1
         rtt = out.latency_s
@@ -190,25 +239,57 @@ class ClusterView:
         self.latency_cost_s[i] = cost
         self.last_update_s[i] = now_s
         self.error_rate[i] += ERROR_EWMA_ALPHA * ((1.0 if out.error else 0.0) - self.error_rate[i])
-        st = out.service_time_s if out.service_time_s is not None else rtt
-        self.service_time_s[i] += 0.1 * (st - self.service_time_s[i])
-        self.rate[i] = self.capacity[i] / max(self.service_time_s[i], 1e-6)
+        # Lazy exponential decay of completion shares: bump the increment instead of scaling all slots.
+        self._share_scale /= 1.0 - SHARE_DECAY
+        self.share[i] += self._share_scale
+        if self._share_scale > 1e100:
+            self.share = [s / self._share_scale for s in self.share]
+            self._share_scale = 1.0
+        first = self.samples[i] == 0
+        if self.samples[i] < 1_000_000:
+            self.samples[i] += 1
+        self.latency_s[i] = rtt if first else self.latency_s[i] + LATENCY_EWMA_ALPHA * (rtt - self.latency_s[i])
+        samples = self.class_samples[c]
+        k = samples[i]
+        lat = self.class_latency_s[c]
+        lat[i] = rtt if k == 0 else lat[i] + LATENCY_EWMA_ALPHA * (rtt - lat[i])
+        if k < 1000:
+            samples[i] = k + 1
+        st = out.service_time_s
+        if st is None and out.queued_behind == 0 and not out.error:
+            st = rtt  # sent to an idle backend: nothing queued in front of it
+        svc = self.class_service_s[c]
+        if st is not None:
+            svc[i] = st if k == 0 else svc[i] + LATENCY_EWMA_ALPHA * (st - svc[i])
+            self.service_time_s[i] = st if first else self.service_time_s[i] + 0.1 * (st - self.service_time_s[i])
+            ts = self.typical_samples
+            m = ts[c] = ts[c] + 1 if ts[c] < 1_000_000 else ts[c]
+            self.typical_s[c] += max(TYPICAL_EWMA_ALPHA, 1.0 / m) * (st - self.typical_s[c])
+            m = ts[NUM_CLASSES] = ts[NUM_CLASSES] + 1 if ts[NUM_CLASSES] < 1_000_000 else ts[NUM_CLASSES]
+            self.typical_all_s += max(TYPICAL_EWMA_ALPHA, 1.0 / m) * (st - self.typical_all_s)
+        else:
+            if k == 0:
+                svc[i] = rtt  # first word on this class: better than the default until an idle sample comes
+            if first:
+                self.service_time_s[i] = rtt
+        q = out.queued_behind
+        if q >= 0 and rtt > 0.0 and not out.error:
+            ratio = (st if st is not None else svc[i]) / rtt
+            sample = (q + 1) * (ratio if ratio < 1.0 else 1.0)
+            conc = self.concurrency[i]
+            conc += (CONCURRENCY_RISE if sample > conc else CONCURRENCY_FALL) * (sample - conc)
+            self.concurrency[i] = conc if conc > 1.0 else 1.0
+        conc = self.concurrency[i]
+        for cc in range(NUM_CLASSES):
+            self.class_rate[cc][i] = conc / max(self.class_service_s[cc][i], 1e-6)
 
     def decayed_cost(self, i: int, now_s: float) -> float:
         """Peak-EWMA cost decayed to `now_s` (tower's `PeakEwma` decays the estimate when read)."""
         w = math.exp(-max(0.0, now_s - self.last_update_s[i]) / PEAK_EWMA_TAU_S)
         return self.latency_cost_s[i] * w
 
-    def set_service_time(self, i: int, seconds: float) -> None:
-        """Set backend i's service-time estimate outright (and the rate derived from it)."""
-        self.service_time_s[i] = seconds
-        self.rate[i] = self.capacity[i] / max(seconds, 1e-6)
-
-    def estimated_rate(self, i: int) -> float:
-        """Requests/s backend i completes when busy: capacity over the smoothed service time."""
-        return self.rate[i]
-
     def shares(self) -> list[float]:
+        """Each backend's share of recent completions."""
         total = sum(self.share)
         if total <= 0.0:
             return [0.0] * self.n
@@ -216,8 +297,81 @@ class ClusterView:
 
 
 # --- state encoding ---------------------------------------------------------------------------------
-def action_mask(view: ClusterView, max_backends: int = MAX_BACKENDS, out: np.ndarray | None = None) -> np.ndarray:
-    mask = out if out is not None else np.zeros(max_backends, dtype=bool)
+# One row per backend slot. The last three columns (dynamic) are the only ones a dispatch changes: a
+# dispatch to backend b changes row b's in-flight count and nothing else of any row, so the live
+# policy can decide a loop iteration's requests one after another with an exact re-score of one row
+# each (`dispatch_rows`). Everything else changes on completions only.
+F_VALID = 0
+"""1 for a candidate slot; 0 for padding and for slots no policy may choose (their row is all zero)."""
+F_AVAILABLE = 1
+"""1 unless the slot is a candidate only through panic mode (unhealthy or ejected)."""
+F_LATENCY = 2
+"""Latency EWMA of the request's class / typical latency of the class."""
+F_SERVICE = 3
+"""Service-time EWMA of the class / typical latency of the class."""
+F_LATENCY_ALL = 4
+"""Latency EWMA over all classes (the mean of the class EWMAs) / typical latency over all classes."""
+F_LOG_CONCURRENCY = 5
+"""log(observed concurrency)."""
+F_ERROR = 6
+"""Error-rate EWMA."""
+F_SHARE = 7
+"""Share of recent completions x candidate count (1 = a fair share)."""
+F_IDLE = 8
+"""log1p(time since the last completion / typical latency): a backend that stopped answering."""
+F_CONFIDENCE = 9
+"""min(1, completions of the class / 10): how much the class estimates can be trusted."""
+STATIC_FEATURES = 10
+"""Columns 0..9 do not change on a dispatch: the pooled cluster summary is built from these only."""
+F_LOG_IN_FLIGHT = 10
+"""log1p(in-flight) (dynamic)."""
+F_UTILISATION = 11
+"""in-flight / observed concurrency (dynamic)."""
+F_EXPECTED = 12
+"""Expected latency of one more request of the class: service x max(1, (in-flight + 1) / concurrency),
+in typical latencies (dynamic). The queueing model every heuristic approximates, given to the network
+outright; it learns where the model is wrong."""
+ROW_FEATURES = 13
+
+C_CLASS = 0
+"""Context: request-class one-hot (NUM_CLASSES columns)."""
+C_LOG_COUNT = NUM_CLASSES
+"""log(candidate count)."""
+C_LOG_SCALE = NUM_CLASSES + 1
+"""log10(typical latency of the class / 1 s): the log-absolute term (about -2 for a 10 ms service)."""
+C_LOAD = NUM_CLASSES + 2
+"""Total in-flight / total observed concurrency (dynamic: enters only the action-independent value)."""
+C_LOG_TOTAL = NUM_CLASSES + 3
+"""log1p(total in-flight) (dynamic, ditto)."""
+CONTEXT_FEATURES = NUM_CLASSES + 4
+STATIC_CONTEXT = NUM_CLASSES + 2
+"""Context columns before C_LOAD: the ones the per-backend scores may read."""
+
+
+def feature_dim(width: int = MAX_BACKENDS) -> int:
+    """Length of a flat state: `width` rows of ROW_FEATURES, then the context."""
+    return width * ROW_FEATURES + CONTEXT_FEATURES
+
+
+def state_width(obs_dim: int) -> int:
+    """Rows in a flat state of length `obs_dim` (the inverse of feature_dim)."""
+    width, rest = divmod(obs_dim - CONTEXT_FEATURES, ROW_FEATURES)
+    if rest or width < 1:
+        raise ValueError(f"{obs_dim} is not a state length ({ROW_FEATURES} x rows + {CONTEXT_FEATURES})")
+    return width
+
+
+def learning_width(n: int) -> int:
+    """Rows a replay buffer stores per state for a cluster of n slots: the next power of two from
+    LEARNING_WIDTH_MIN up. Replay memory grows with the width, and the network does not care."""
+    w = LEARNING_WIDTH_MIN
+    while w < n:
+        w *= 2
+    return min(w, MAX_BACKENDS)
+
+
+def action_mask(view: ClusterView, width: int = MAX_BACKENDS, out: np.ndarray | None = None) -> np.ndarray:
+    mask = out if out is not None else np.zeros(width, dtype=bool)
     mask[:] = False
     for i in view.candidates:
         mask[i] = True
@@ -227,75 +381,176 @@ def action_mask(view: ClusterView, max_backends: int = MAX_BACKENDS, out: np.nda
 def encode_state(
     view: ClusterView,
     req_class: int,
-    max_backends: int = MAX_BACKENDS,
+    now_s: float,
+    width: int = MAX_BACKENDS,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Fixed-width float32 state: per-backend block then class one-hot then global in-flight.
+    """Flat float32 state: `width` rows of ROW_FEATURES (columns F_*), then CONTEXT_FEATURES (C_*).
 
-    Layout (documented because the checkpoint's meaning depends on it):
-    ``[b0: inflight/8, latency/0.1s, error, available, share, b1: ..., ..., onehot(3), total/(8*n)]``.
-    Padded slots are all zero (and masked out of the action space).
+    Rows of slots that are not candidates, and padding rows beyond `view.n`, are all zero (F_VALID = 0:
+    masked out of the pooled summary and of the action space). Every latency is divided by the
+    cluster's own typical latency (`view.typical_s`), so a 5 ms and a 500 ms application with the same
+    shape of load read the same; C_LOG_SCALE alone says which one it is.
     """
-    dim = feature_dim(max_backends)
-    x = out if out is not None else np.empty(dim, dtype=np.float32)
+    if width < view.n:
+        raise ValueError(f"a state of {width} rows cannot hold {view.n} backends")
+    x = out if out is not None else np.empty(feature_dim(width), dtype=np.float32)
     x[:] = 0.0
-    total = sum(view.share)
-    inv_total = 1.0 / total if total > 0.0 else 0.0
-    k = 0
-    for i in range(view.n):
-        x[k] = view.in_flight[i] / INFLIGHT_SCALE
-        x[k + 1] = min(view.latency_cost_s[i] / LATENCY_SCALE_S, 50.0)
-        x[k + 2] = view.error_rate[i]
-        x[k + 3] = 1.0 if view.available[i] else 0.0
-        x[k + 4] = view.share[i] * inv_total
-        k += PER_BACKEND_FEATURES
-    base = max_backends * PER_BACKEND_FEATURES
-    x[base + int(req_class)] = 1.0
-    x[base + NUM_CLASSES] = view.total_in_flight / (INFLIGHT_SCALE * max(1, view.n))
+    n = view.n
+    c = int(req_class)
+    cands = view.candidates
+    typ = max(view.typical_s[c], 1e-6)
+    typ_all = max(view.typical_all_s, 1e-6)
+    # One list -> array conversion for everything per backend (each NumPy call costs ~1 µs at this size).
+    raw = np.array(
+        (
+            view.concurrency,
+            view.in_flight,
+            view.class_service_s[c],
+            view.class_latency_s[c],
+            view.latency_s,
+            view.service_time_s,
+            view.error_rate,
+            view.share,
+            view.last_update_s,
+            view.class_samples[c],
+            view.available,
+            view.samples,
+        ),
+        dtype=np.float64,
+    )
+    conc, inf = raw[0], raw[1]
+    svc, lat_c = _class_estimates(raw, typ, typ_all)
+    cols = np.empty((ROW_FEATURES, n))
+    cols[F_VALID] = 1.0
+    cols[F_AVAILABLE] = raw[10]
+    np.divide(lat_c, typ, out=cols[F_LATENCY])
+    np.divide(svc, typ, out=cols[F_SERVICE])
+    # All classes: the backend's own EWMA; a backend never measured reads as typical (1.0).
+    np.divide(raw[4], typ_all, out=cols[F_LATENCY_ALL])
+    cols[F_LATENCY_ALL][raw[11] == 0] = 1.0
+    np.log(conc, out=cols[F_LOG_CONCURRENCY])
+    cols[F_ERROR] = raw[6]
+    total_share = sum(view.share)
+    cols[F_SHARE] = raw[7] * (len(cands) / total_share) if total_share > 0.0 else 0.0
+    np.log1p(np.maximum(0.0, now_s - raw[8]) / typ, out=cols[F_IDLE])
+    np.minimum(raw[9] / 10.0, 1.0, out=cols[F_CONFIDENCE])
+    np.minimum(cols[:F_LOG_IN_FLIGHT], CLIP_RATIO, out=cols[:F_LOG_IN_FLIGHT])
+    dynamic_columns(inf, conc, cols[F_SERVICE], cols[F_LOG_IN_FLIGHT:])
+    rows = x[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)
+    rows[:n] = cols.T
+    if len(cands) < n:
+        keep = np.zeros(n, dtype=bool)
+        keep[cands] = True
+        rows[:n][~keep] = 0.0
+    ctx = x[width * ROW_FEATURES :]
+    ctx[C_CLASS + c] = 1.0
+    ctx[C_LOG_COUNT] = math.log(max(1, len(cands)))
+    ctx[C_LOG_SCALE] = math.log10(typ)
+    total_conc = sum(view.concurrency[i] for i in cands) if cands else 1.0
+    ctx[C_LOAD] = min(view.total_in_flight / total_conc, CLIP_RATIO)
+    ctx[C_LOG_TOTAL] = math.log1p(view.total_in_flight)
     return x
 
 
-def dispatch_states(view: ClusterView, state: np.ndarray, max_backends: int = MAX_BACKENDS) -> np.ndarray:
-    """`state` (what `encode_state` gives for `view`) followed by one row per slot in
-    `view.candidates`: the state as it will read after one more request is dispatched to that slot
-    (`ClusterView.on_dispatch`), computed without touching the view.
+def _class_estimates(raw: np.ndarray, typical_s: float, typical_all_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(service, latency) in seconds of the request's class per backend, from `encode_state`'s raw block.
+    A backend with no completion of the class yet is imputed from its all-class estimates times the
+    cluster's class-to-all ratio (assumed as fast, relative to the others, as it is overall), or as
+    typical when it has no completion at all: the 30 ms default never enters a feature, so the
+    encoding stays scale-free from the first request on."""
+    svc, lat_c = raw[2].copy(), raw[3].copy()
+    unseen = raw[9] == 0
+    if unseen.any():
+        never = raw[11] == 0
+        ratio = typical_s / typical_all_s
+        svc[unseen] = (np.where(never, typical_all_s, raw[5]) * ratio)[unseen]
+        lat_c[unseen] = (np.where(never, typical_all_s, raw[4]) * ratio)[unseen]
+    return svc, lat_c
 
-    The live dqn policy decides a whole loop iteration's requests from one state; Q of these rows
-    minus Q of `state` is how each dispatch it makes moves the Q-values of the next decision.
+
+def dynamic_columns(in_flight: np.ndarray, concurrency: np.ndarray, service: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The columns F_LOG_IN_FLIGHT, F_UTILISATION, F_EXPECTED (rows of `out`, shape (3, k)) of k backends
+    at the given in-flight counts, `service` being their F_SERVICE column: the only part of a state a
+    dispatch changes, defined once for `encode_state` and for the live policy's what-if rows
+    (`DispatchModel`). Clipped at CLIP_RATIO."""
+    np.log1p(in_flight, out=out[0])
+    np.divide(in_flight, concurrency, out=out[1])
+    np.divide(in_flight + 1.0, concurrency, out=out[2])
+    np.maximum(out[2], 1.0, out=out[2])
+    out[2] *= service
+    np.minimum(out[1:], CLIP_RATIO, out=out[1:])
+    return out
+
+
+class DispatchModel:
+    """How dispatches change one encoded state, computed without touching the view.
+
+    The live dqn policy decides a whole loop iteration's requests of one class from one state
+    (`encode_state`); after it dispatched `counts[b]` more requests to each backend b, the state reads
+    exactly `state_after(counts)`, and row b alone reads `rows_after([b], [k])` after k more. So each
+    decision is taken on the state as it truly is, re-scoring one row, never re-encoding the view.
+    (Completions within the iteration are seen by the next iteration's state.)
     """
-    cands = view.candidates
-    k = len(cands)
-    rows = np.empty((k + 1, state.shape[0]), dtype=np.float32)
-    rows[:] = state
-    if k == 0:
-        return rows
-    n = view.n
-    slots = np.asarray(cands, dtype=np.intp) * PER_BACKEND_FEATURES
-    below = np.arange(1, k + 1)
-    total = sum(view.share)
-    step = view._share_scale / (1.0 - SHARE_DECAY)  # the increment on_dispatch will add
-    share_cols = slice(4, n * PER_BACKEND_FEATURES, PER_BACKEND_FEATURES)
-    rows[1:, share_cols] *= total / (total + step)
-    rows[below, slots + 4] += step / (total + step)
-    rows[below, slots] += 1.0 / INFLIGHT_SCALE
-    rows[1:, max_backends * PER_BACKEND_FEATURES + NUM_CLASSES] += 1.0 / (INFLIGHT_SCALE * max(1, n))
-    return rows
+
+    __slots__ = (
+        "concurrency",
+        "ctx",
+        "in_flight",
+        "n",
+        "rows",
+        "service",
+        "state",
+        "total_concurrency",
+        "total_in_flight",
+    )
+
+    def __init__(self, view: ClusterView, req_class: int, state: np.ndarray) -> None:
+        width = state_width(state.shape[0])
+        self.n = view.n
+        self.state = state
+        self.rows = state[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)[: self.n]
+        self.ctx = state[width * ROW_FEATURES :]
+        self.in_flight = np.asarray(view.in_flight, dtype=np.float64)
+        self.concurrency = np.asarray(view.concurrency)
+        self.service = self.rows[:, F_SERVICE].astype(np.float64)
+        cands = view.candidates
+        self.total_concurrency = sum(view.concurrency[i] for i in cands) if cands else 1.0
+        self.total_in_flight = view.total_in_flight
+
+    def rows_after(self, slots: np.ndarray, extra: np.ndarray) -> np.ndarray:
+        """Rows `slots` (all valid) as they read after `extra` more dispatches to each."""
+        out = self.rows[slots].copy()
+        cols = np.empty((3, len(slots)))
+        dynamic_columns(self.in_flight[slots] + extra, self.concurrency[slots], self.service[slots], cols)
+        out[:, F_LOG_IN_FLIGHT:] = cols.T
+        return out
+
+    def state_after(self, counts: Sequence[int]) -> np.ndarray:
+        """A new flat state: this one after counts[b] more dispatches to every slot b (context included)."""
+        x = self.state.copy()
+        slots = np.flatnonzero(np.asarray(counts[: self.n]))
+        if len(slots):
+            extra = np.asarray(counts, dtype=np.float64)[slots]
+            width = state_width(x.shape[0])
+            x[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)[slots] = self.rows_after(slots, extra)
+            total = self.total_in_flight + float(extra.sum())
+            x[width * ROW_FEATURES + C_LOAD] = min(total / self.total_concurrency, CLIP_RATIO)
+            x[width * ROW_FEATURES + C_LOG_TOTAL] = math.log1p(total)
+        return x
 
 
 # --- reward -----------------------------------------------------------------------------------------
-def reward(
-    latency_s: float,
-    error: bool,
-    latency_scale_s: float = LATENCY_SCALE_S,
-    error_penalty: float = ERROR_PENALTY,
-) -> float:
-    """r = -latency / latency_scale - error_penalty * [error or timeout].
+def reward(latency_s: float, error: bool, typical_s: float, error_penalty: float = ERROR_PENALTY) -> float:
+    """r = -latency / typical latency - error_penalty * [error or timeout].
 
-    Latency is end-to-end at the proxy (queueing included), so the agent pays for sending work to a
-    backend that is already busy. Gini and accuracy are measured, not rewarded: rewarding fairness
-    would fight the latency objective on heterogeneous clusters.
+    The unit is the cluster's own typical service time (`ClusterView.typical_all_s`), so the reward
+    means the same on a 5 ms and a 500 ms application: "how many typical requests long did this one
+    take". Latency is end-to-end at the proxy (queueing included), so the agent pays for sending work
+    to a backend that is already busy. Gini and accuracy are measured, not rewarded: rewarding
+    fairness would fight the latency objective on heterogeneous clusters.
     """
-    return -latency_s / latency_scale_s - (error_penalty if error else 0.0)
+    return -latency_s / max(typical_s, 1e-9) - (error_penalty if error else 0.0)
 
 
 # --- fairness and accuracy --------------------------------------------------------------------------
@@ -333,7 +588,8 @@ def sed_choices(in_flight: Sequence[int], rate: Sequence[float], candidates: Seq
 
 
 def is_accurate(action: int, in_flight: Sequence[int], rate: Sequence[float], candidates: Sequence[int]) -> bool:
-    """Decision accuracy: did `action` match (one of) the SED oracle's choices?"""
+    """Decision accuracy: did `action` match (one of) the SED oracle's choices? `rate` is the request
+    class's rates: true ones in the simulator, `view.class_rate[c]` live."""
     return action in sed_choices(in_flight, rate, candidates)
 
 
@@ -367,7 +623,6 @@ class WindowStats:
     """
 
     n: int
-    latency_scale_s: float = LATENCY_SCALE_S
     error_penalty: float = ERROR_PENALTY
     decisions: int = 0
     accurate: int = 0
@@ -387,8 +642,9 @@ class WindowStats:
             self.load.extend([0] * (action + 1 - len(self.load)))
         self.load[action] += 1
 
-    def record_outcome(self, out: Outcome) -> float:
-        r = reward(out.latency_s, out.error, self.latency_scale_s, self.error_penalty)
+    def record_outcome(self, out: Outcome, typical_s: float) -> float:
+        """Count one outcome; `typical_s` is the view's reward unit at its completion (`typical_all_s`)."""
+        r = reward(out.latency_s, out.error, typical_s, self.error_penalty)
         self.reward_sum += r
         self.latencies.append(out.latency_s)
         self.errors += out.error

@@ -69,6 +69,25 @@ class Metrics:
             "lbproxy_inference_batch_size", "Decisions per forward pass", buckets=BATCH_BUCKETS, registry=r
         )
         self.episode = Gauge("lbproxy_episode", "Current training episode", registry=r)
+        # Guardrail (lbproxy/guardrail.py): both `to` children exist from the start, so rate() and
+        # increase() see a 0 -> 1 step on the first switch instead of a series that appears from nowhere.
+        self.guardrail_switches = Counter(
+            "lbproxy_guardrail_switches", "DQN guardrail state changes, by the arm routing next", ["to"], registry=r
+        )
+        self._guardrail_to = {
+            True: self.guardrail_switches.labels(to="fallback"),
+            False: self.guardrail_switches.labels(to="dqn"),
+        }
+        self.guardrail_tripped = Gauge(
+            "lbproxy_guardrail_tripped",
+            "1 while the guardrail routes everything (but a probe) by the fallback",
+            registry=r,
+        )
+
+    def guardrail_switched(self, tripped: bool) -> None:
+        """`Guardrail(on_switch=metrics.guardrail_switched)`: count the switch and set the gauge."""
+        self._guardrail_to[tripped].inc()
+        self.guardrail_tripped.set(1.0 if tripped else 0.0)
 
 
 TRAINING_METRIC_FIELDS = (

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lbproxy.config import ConfigError, load_settings
+from lbproxy.observe import MAX_BACKENDS
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +100,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_too_many_backends() -> None:
-    urls = ",".join(f"http://127.0.0.1:{8000 + i}" for i in range(17))
-    with pytest.raises(ConfigError, match="at most 16"):
+    urls = ",".join(f"http://127.0.0.1:{8000 + i}" for i in range(MAX_BACKENDS + 1))
+    with pytest.raises(ConfigError, match=f"at most {MAX_BACKENDS}"):
         load_settings({"backends": urls})
 
 

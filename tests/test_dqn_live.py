@@ -22,22 +22,34 @@ import torch
 from support import LOOPBACK, REPO, Proc, free_port, start_backend, start_proxy
 
 from lbproxy.config import Settings
-from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome
+from lbproxy.observe import F_LATENCY_ALL, MAX_BACKENDS, ClusterView, Outcome
 from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn import DqnPolicy, create_dqn_runtime
 from lbproxy.rl.batcher import InferenceEngine
-from lbproxy.rl.network import QNetwork
+from lbproxy.rl.network import QNetwork, RowScorer
 from lbproxy.telemetry import Metrics
 
 
-def biased_net(best: int, hidden: int = 16) -> QNetwork:
-    """A network that prefers backend `best` for every state."""
-    net = QNetwork(FEATURE_DIM, MAX_BACKENDS, hidden=hidden)
+def column_net(column: int, sign: float, hidden: int = 16) -> QNetwork:
+    """A network whose backend score is sign x one feature column (a backend is known by its
+    behaviour only: no network can prefer a slot)."""
+    net = QNetwork(hidden=hidden)
     with torch.no_grad():
-        net.head.weight.zero_()
-        net.head.bias.zero_()
-        net.head.bias[best] = 1.0
+        for p in net.parameters():
+            p.zero_()
+        net.row_x.weight[0, column] = 1.0
+        net.row2.weight[0, 0] = 1.0
+        net.score.weight[0, 0] = sign
     return net
+
+
+def slow_lover() -> QNetwork:
+    """Prefers the backend with the highest latency: the opposite of peak_ewma."""
+    return column_net(F_LATENCY_ALL, 1.0)
+
+
+def fast_lover() -> QNetwork:
+    return column_net(F_LATENCY_ALL, -1.0)
 
 
 def fallback_count(metrics: Metrics, reason: str) -> float:
@@ -55,15 +67,15 @@ def skewed_view() -> ClusterView:
 class SlowEngine(InferenceEngine):
     """A forward pass far slower than the deadline (e.g. a stalled device)."""
 
-    def q_values(self, states: np.ndarray) -> np.ndarray:
+    def row_pass(self, rows: np.ndarray, ctx: np.ndarray, more: np.ndarray) -> tuple[RowScorer, np.ndarray]:
         time.sleep(0.005)
-        return super().q_values(states)
+        return super().row_pass(rows, ctx, more)
 
 
 async def test_deadline_miss_routes_by_peak_ewma_and_counts() -> None:
     metrics = Metrics()
-    settings = Settings(mode="serve", device="cpu", decision_deadline_us=200, hidden=16)
-    rt = create_dqn_runtime(settings, None, metrics, net=biased_net(1), engine_cls=SlowEngine)
+    settings = Settings(mode="serve", device="cpu", decision_deadline_us=200, hidden=16, control_share=0.0)
+    rt = create_dqn_runtime(settings, None, metrics, net=slow_lover(), engine_cls=SlowEngine)
     view = skewed_view()
     actions = []
     for _ in range(3):  # three loop iterations: three passes, each late
@@ -76,8 +88,8 @@ async def test_deadline_miss_routes_by_peak_ewma_and_counts() -> None:
 
 async def test_fast_engine_answers_within_the_deadline() -> None:
     metrics = Metrics()
-    settings = Settings(mode="serve", device="cpu", decision_deadline_us=50_000, hidden=16)
-    rt = create_dqn_runtime(settings, None, metrics, net=biased_net(1))
+    settings = Settings(mode="serve", device="cpu", decision_deadline_us=50_000, hidden=16, control_share=0.0)
+    rt = create_dqn_runtime(settings, None, metrics, net=slow_lover())
     view = skewed_view()
     results = await asyncio.gather(*(resolve(rt.policy.decide(0, view, now_s=1.0)) for _ in range(50)))
     assert [a for a, _ in results] == [1] * 50
@@ -90,7 +102,7 @@ async def test_fast_engine_answers_within_the_deadline() -> None:
 
 async def test_no_model_routes_by_peak_ewma_and_counts() -> None:
     metrics = Metrics()
-    engine = InferenceEngine(FEATURE_DIM, MAX_BACKENDS)  # nothing loaded
+    engine = InferenceEngine(MAX_BACKENDS)  # nothing loaded
     policy = DqnPolicy(engine, metrics=metrics)
     view = skewed_view()
     for _ in range(3):
@@ -99,10 +111,12 @@ async def test_no_model_routes_by_peak_ewma_and_counts() -> None:
 
 
 async def test_decision_never_targets_a_backend_that_went_away() -> None:
-    settings = Settings(mode="serve", device="cpu", hidden=16)
-    rt = create_dqn_runtime(settings, None, None, net=biased_net(1))
+    settings = Settings(mode="serve", device="cpu", hidden=16, control_share=0.0)
+    rt = create_dqn_runtime(settings, None, None, net=slow_lover())
     view = ClusterView.create(3)
-    view.set_available(1, False)
+    view.on_dispatch(1)
+    view.on_complete(Outcome(1, 0, 5.0, False), now_s=1.0)  # the network's favourite ...
+    view.set_available(1, False)  # ... is gone
     for _ in range(20):
         assert (await resolve(rt.policy.decide(0, view, now_s=0.0)))[0] in (0, 2)
 
@@ -128,42 +142,31 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
         assert needle in lines[0], lines[0]
 
 
-def test_serve_rejects_a_model_with_the_wrong_action_count(tmp_path: Path) -> None:
-    from lbproxy.rl.checkpoint import save_model
+def old_format_model(path: Path) -> Path:
+    """A model file of the old, slot-indexed format (lbproxy-dqn/1)."""
+    torch.save({"format": "lbproxy-dqn/1", "arch": {}, "state_dict": {"body.0.weight": torch.zeros(4, 4)}}, path)
+    return path
 
-    path = tmp_path / "eight.pth"
-    save_model(path, QNetwork(FEATURE_DIM, 8, hidden=16), {"note": "8 actions"})
+
+def test_serve_rejects_an_old_format_model(tmp_path: Path) -> None:
+    path = old_format_model(tmp_path / "old.pth")
     port, admin = free_port(), free_port()
     proc = run_cli(
-        "--mode",
-        "serve",
-        "--policy",
-        "dqn",
-        "--model",
-        str(path),
-        "--backends",
-        f"http://{LOOPBACK}:{free_port()}",
-        "--host",
-        LOOPBACK,
-        "--port",
-        str(port),
-        "--admin-port",
-        str(admin),
+        *("--mode", "serve", "--policy", "dqn", "--model", str(path)),
+        *("--backends", f"http://{LOOPBACK}:{free_port()}", "--host", LOOPBACK),
+        *("--port", str(port), "--admin-port", str(admin)),
     )
-    assert_one_line_error(proc, "8", "16")
+    assert_one_line_error(proc, "old.pth", "lbproxy-dqn/1")
 
 
 def test_live_train_rejects_a_mismatched_init_model(tmp_path: Path) -> None:
-    from lbproxy.rl.checkpoint import save_model
-
-    path = tmp_path / "eight.pth"
-    save_model(path, QNetwork(FEATURE_DIM, 8, hidden=16), {"note": "8 actions"})
+    path = old_format_model(tmp_path / "old.pth")
     proc = run_cli(
         *("--mode", "train", "--env", "live", "--init-model", str(path), "--run-dir", str(tmp_path / "run")),
         *("--backends", f"http://{LOOPBACK}:{free_port()}", "--host", LOOPBACK),
         *("--port", str(free_port()), "--admin-port", str(free_port())),
     )
-    assert_one_line_error(proc, "8", "16")
+    assert_one_line_error(proc, "old.pth", "lbproxy-dqn/1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
@@ -308,7 +311,7 @@ async def test_train_checkpoint_resume_serve_round_trip(tmp_path: Path, two_back
     from lbproxy.rl.checkpoint import save_model
 
     init = tmp_path / "init.pth"
-    save_model(init, biased_net(0), {"note": "prefers backend 0"})
+    save_model(init, fast_lover(), {"note": "prefers the fastest backend"})
     trainer = start_train(urls, run_dir, "--episodes", "4", "--init-model", str(init), *args)
     res = await drive(trainer.url, request_paths(2000, 1), concurrency=8, time_limit_s=40, stop_early=trainer)
     assert wait_exit(trainer, 30) == 0
@@ -440,9 +443,9 @@ async def test_acceptance_dqn_learns_to_avoid_the_slow_backend(tmp_path: Path, s
     finally:
         log = finish(trainer)
     assert trainer.popen.returncode == 0, log[-3000:]
-    first = Counter(training.backends[:400])["slow"] / 400  # ε ~ 1: about a third
+    first = Counter(training.backends[:400])["slow"] / 400  # ε ~ 1: routed by peak_ewma (safe exploration)
     late = dqn.share("slow")
-    assert late < first, f"share to the slow backend did not fall: first {first:.2f}, final {late:.2f}"
+    assert late < 0.25, f"the slow backend kept {late:.2f} of the traffic (round robin: 1/3); first {first:.2f}"
     rr = await heuristic_result(urls, "round_robin")
     rnd = await heuristic_result(urls, "random")
     print(

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lbproxy.config import Settings
 from lbproxy.evaluate import EVAL_SEED_BASE, run_evaluate
-from lbproxy.observe import MAX_BACKENDS, feature_dim
 from lbproxy.plot import main as plot_main
 from lbproxy.rl.trainer import METRIC_FIELDS
 
@@ -29,7 +29,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "dqn_final.pth"
-    save_model(path, QNetwork(feature_dim(), MAX_BACKENDS, hidden=16), {"note": "untrained, for tests"})
+    save_model(path, QNetwork(hidden=16), {"note": "untrained, for tests"})
     return path
 
 
@@ -127,13 +127,11 @@ def test_cli_corrupt_model(tmp_path: Path) -> None:
 
 
 def test_cli_mismatched_model(tmp_path: Path) -> None:
-    from lbproxy.rl.checkpoint import save_model
-    from lbproxy.rl.network import QNetwork
 
-    path = tmp_path / "small.pth"
-    save_model(path, QNetwork(feature_dim(8), 8, hidden=8), {})
+    path = tmp_path / "old.pth"
+    torch.save({"format": "lbproxy-dqn/1", "state_dict": {"body.0.weight": torch.zeros(4, 4)}}, path)
     proc = _cli("--mode", "evaluate", "--model", str(path), "--run-dir", str(tmp_path))
-    _one_line_error(proc, "16")
+    _one_line_error(proc, "lbproxy-dqn/1")
 
 
 def test_cli_bad_scenario(tmp_path: Path, model_path: Path) -> None:

@@ -7,15 +7,22 @@ import numpy as np
 import pytest
 
 from lbproxy.observe import (
-    FEATURE_DIM,
+    C_CLASS,
+    C_LOG_COUNT,
+    C_LOG_SCALE,
+    F_LOG_IN_FLIGHT,
+    F_VALID,
+    ROW_FEATURES,
+    STATIC_FEATURES,
     ClusterView,
+    DispatchModel,
     Outcome,
     RequestClass,
     WindowStats,
     action_mask,
     classify_path,
-    dispatch_states,
     encode_state,
+    feature_dim,
     gini,
     is_accurate,
     reward,
@@ -52,8 +59,10 @@ def test_sed_accuracy_hand_computed() -> None:
 
 
 def test_reward_definition() -> None:
-    assert reward(0.1, False, latency_scale_s=0.1, error_penalty=5.0) == pytest.approx(-1.0)
-    assert reward(0.05, True, latency_scale_s=0.1, error_penalty=5.0) == pytest.approx(-5.5)
+    # latency in typical latencies of the cluster, minus the error penalty: the same on any scale
+    assert reward(0.1, False, typical_s=0.05, error_penalty=20.0) == pytest.approx(-2.0)
+    assert reward(0.05, True, typical_s=0.05, error_penalty=20.0) == pytest.approx(-21.0)
+    assert reward(10.0, False, typical_s=5.0) == reward(0.01, False, typical_s=0.005)
 
 
 def test_classify_path() -> None:
@@ -78,55 +87,139 @@ def test_view_peak_ewma_and_counts() -> None:
     assert v.candidates == [0, 1]
 
 
+def _busy_view(n: int = 3) -> ClusterView:
+    v = ClusterView.create(n, capacity=[1.0] * n)
+    for i in range(n):
+        for k in range(20):
+            v.on_dispatch(i)
+            v.on_complete(
+                Outcome(i, RequestClass.LIGHT, 0.01 * (i + 1) * (1 + k % 3), False, service_time_s=0.01 * (i + 1)),
+                now_s=1.0 + 0.01 * k,
+            )
+    return v
+
+
 def test_encode_state_layout_and_mask() -> None:
-    v = ClusterView.create(2)
+    v = _busy_view(3)
+    v.on_dispatch(0)
     v.on_dispatch(0)
     v.set_available(1, False)
-    x = encode_state(v, RequestClass.HEAVY)
-    assert x.shape == (FEATURE_DIM,) and x.dtype == np.float32
-    assert x[0] == pytest.approx(1 / 8)  # in-flight of backend 0
-    assert x[3] == 1.0 and x[5 + 3] == 0.0  # available bits
-    assert x[4] == pytest.approx(1.0)  # all recent decisions went to backend 0
-    assert np.all(x[10 : 16 * 5] == 0.0)  # padded slots
-    assert x[16 * 5 + RequestClass.HEAVY] == 1.0
-    mask = action_mask(v)
-    assert mask.tolist() == [True] + [False] * 15
+    width = 8
+    x = encode_state(v, RequestClass.HEAVY, 2.0, width)
+    assert x.shape == (feature_dim(width),) and x.dtype == np.float32
+    rows = x[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)
+    ctx = x[width * ROW_FEATURES :]
+    assert rows[0, F_VALID] == 1.0 and rows[2, F_VALID] == 1.0
+    assert np.all(rows[1] == 0.0), "a slot no policy may choose reads as padding"
+    assert np.all(rows[3:] == 0.0)
+    assert rows[0, F_LOG_IN_FLIGHT] == pytest.approx(math.log1p(2))
+    assert ctx[C_CLASS + RequestClass.HEAVY] == 1.0 and ctx[C_CLASS + RequestClass.LIGHT] == 0.0
+    assert ctx[C_LOG_COUNT] == pytest.approx(math.log(2))
+    assert action_mask(v, width).tolist() == [True, False, True] + [False] * 5
+    with pytest.raises(ValueError, match="cannot hold"):
+        encode_state(v, 0, 0.0, 2)
+
+
+def test_encoding_is_scale_free() -> None:
+    """The same cluster at 1000x the latency reads the same, except the log-absolute scale term."""
+    fast, slow = ClusterView.create(2), ClusterView.create(2)
+    for view, scale in ((fast, 0.001), (slow, 1.0)):
+        for k in range(300):
+            i = k % 2
+            view.on_dispatch(i)
+            st = scale * (1.0 + i)
+            view.on_complete(Outcome(i, 0, st * 1.5, False, service_time_s=st, queued_behind=0), now_s=k * scale)
+        view.on_dispatch(1)
+    a = encode_state(fast, 0, 300 * 0.001, 4)
+    b = encode_state(slow, 0, 300 * 1.0, 4)
+    scale_col = 4 * ROW_FEATURES + C_LOG_SCALE
+    assert b[scale_col] - a[scale_col] == pytest.approx(3.0, abs=0.05)
+    a[scale_col] = b[scale_col] = 0.0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_latency_and_service_estimates_are_per_class() -> None:
+    v = ClusterView.create(1)
+    for k in range(50):
+        v.on_dispatch(0)
+        v.on_complete(Outcome(0, RequestClass.LIGHT, 0.01, False, service_time_s=0.01), now_s=k)
+        v.on_dispatch(0)
+        v.on_complete(Outcome(0, RequestClass.HEAVY, 0.2, False, service_time_s=0.2), now_s=k)
+    assert v.class_service_s[RequestClass.LIGHT][0] == pytest.approx(0.01)
+    assert v.class_service_s[RequestClass.HEAVY][0] == pytest.approx(0.2)
+    assert v.class_samples[RequestClass.STATIC][0] == 0
+    assert v.class_rate[RequestClass.HEAVY][0] == pytest.approx(v.concurrency[0] / 0.2)
+
+
+def test_service_time_without_reports_comes_from_requests_sent_to_an_idle_backend() -> None:
+    """A backend we did not write reports nothing: only a request sent while it was idle measures its
+    service time (nothing queued in front of it); queued ones only count as latency."""
+    v = ClusterView.create(1)
+    v.on_dispatch(0)
+    v.on_complete(Outcome(0, 0, 0.05, False, queued_behind=0), now_s=1.0)
+    for k in range(30):
+        v.on_dispatch(0)
+        v.on_complete(Outcome(0, 0, 0.5, False, queued_behind=9), now_s=2.0 + k)
+    assert v.class_service_s[0][0] == pytest.approx(0.05)
+    assert v.class_latency_s[0][0] > 0.4
+
+
+def test_concurrency_estimate_follows_littles_law() -> None:
+    """A 4-worker FIFO backend: a request with q ahead waits for (q + 1 - 4) / 4 service times."""
+    v = ClusterView.create(1)
+    st = 0.01
+    for k in range(400):
+        q = 2 + k % 10
+        latency = st * max(1.0, (q + 1) / 4)
+        v.on_dispatch(0)
+        v.on_complete(Outcome(0, 0, latency, False, service_time_s=st, queued_behind=q), now_s=k * 0.01)
+    assert 3.5 <= v.concurrency[0] <= 5.0
+
+
+def test_dispatch_changes_only_the_dispatched_row() -> None:
+    v = _busy_view(4)
+    before = encode_state(v, RequestClass.LIGHT, 3.0, 8)
+    v.on_dispatch(2)
+    after = encode_state(v, RequestClass.LIGHT, 3.0, 8)
+    rows_b = before[: 8 * ROW_FEATURES].reshape(8, ROW_FEATURES)
+    rows_a = after[: 8 * ROW_FEATURES].reshape(8, ROW_FEATURES)
+    changed = {i for i in range(8) if not np.array_equal(rows_a[i], rows_b[i])}
+    assert changed == {2}
+    assert np.array_equal(rows_a[2, :STATIC_FEATURES], rows_b[2, :STATIC_FEATURES]), "only dynamic columns move"
+
+
+@pytest.mark.parametrize("dispatched", [[], [0, 1, 1, 3, 1, 0]])
+def test_dispatch_model_is_the_state_after_the_dispatches(dispatched: list[int]) -> None:
+    view = _busy_view(4)
+    view.set_available(2, False)
+    state = encode_state(view, RequestClass.HEAVY, 5.0, 8)
+    model = DispatchModel(view, RequestClass.HEAVY, state)
+    counts = [0] * 4
+    after = copy.deepcopy(view)
+    for b in dispatched:
+        after.on_dispatch(b)
+        counts[b] += 1
+    np.testing.assert_allclose(model.state_after(counts), encode_state(after, RequestClass.HEAVY, 5.0, 8), atol=1e-6)
+    cands = np.asarray(view.candidates)
+    for k in (1, 3):
+        rows = model.rows_after(cands, np.full(len(cands), float(k)))
+        for j, b in enumerate(view.candidates):
+            one = copy.deepcopy(view)
+            for _ in range(k):
+                one.on_dispatch(b)
+            expect = encode_state(one, RequestClass.HEAVY, 5.0, 8)[: 8 * ROW_FEATURES].reshape(8, ROW_FEATURES)[b]
+            np.testing.assert_allclose(rows[j], expect, atol=1e-6)
+    assert np.array_equal(encode_state(view, RequestClass.HEAVY, 5.0, 8), state), "the view itself is untouched"
 
 
 def test_window_stats_summary() -> None:
     w = WindowStats(n=2)
     for i, lat in enumerate([0.01, 0.02, 0.03, 0.04]):
         w.record_decision(i % 2, accurate=i < 3)
-        w.record_outcome(Outcome(backend=i % 2, req_class=0, latency_s=lat, error=i == 3))
+        w.record_outcome(Outcome(backend=i % 2, req_class=0, latency_s=lat, error=i == 3), typical_s=0.01)
     s = w.summary(capacity=[1.0, 1.0])
     assert s.decisions == 4 and s.accuracy == 0.75 and s.error_rate == 0.25
     assert s.gini == 0.0 and s.p50_s == 0.02 and s.p99_s == 0.04
-    assert s.mean_reward == pytest.approx(-(0.1 / 0.1) / 4 - 5.0 / 4)
+    assert s.mean_reward == pytest.approx(-(0.1 / 0.01) / 4 - w.error_penalty / 4)
 
 
-def test_rate_estimate_follows_completions() -> None:
-    v = ClusterView.create(2, capacity=[2.0, 1.0])
-    assert v.estimated_rate(0) == pytest.approx(2.0 / 0.03)
-    v.on_dispatch(0)
-    v.on_complete(Outcome(backend=0, req_class=0, latency_s=0.5, error=False, service_time_s=0.13), now_s=1.0)
-    assert v.service_time_s[0] == pytest.approx(0.04)  # 0.03 + 0.1 * (0.13 - 0.03)
-    assert v.estimated_rate(0) == pytest.approx(2.0 / 0.04)
-    v.set_service_time(1, 0.0)
-    assert v.estimated_rate(1) == pytest.approx(1.0 / 1e-6)
-
-
-@pytest.mark.parametrize("dispatched", [[], [0, 1, 1, 2, 3, 1, 0]])
-def test_dispatch_states_are_the_states_after_one_more_dispatch(dispatched: list[int]) -> None:
-    view = ClusterView.create(4, [1.0, 2.0, 1.0, 1.0])
-    for i in dispatched:
-        view.on_dispatch(i)
-    view.set_available(2, False)
-    state = encode_state(view, RequestClass.HEAVY)
-    rows = dispatch_states(view, state)
-    assert rows.shape == (1 + len(view.candidates), FEATURE_DIM)
-    np.testing.assert_array_equal(rows[0], state)
-    for j, b in enumerate(view.candidates):
-        after = copy.deepcopy(view)
-        after.on_dispatch(b)
-        np.testing.assert_allclose(rows[1 + j], encode_state(after, RequestClass.HEAVY), atol=1e-6)
-    assert np.array_equal(encode_state(view, RequestClass.HEAVY), state), "the view itself is untouched"

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from lbproxy.config import Settings
-from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome, action_mask, encode_state, reward
+from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_mask, encode_state, feature_dim, reward
 from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn import create_dqn_runtime
 from lbproxy.rl.online import DecisionRecord, DecisionTable
 
 
 def rec(t_s: float, action: int = 0) -> DecisionRecord:
-    return DecisionRecord(np.zeros(FEATURE_DIM, np.float32), action, np.ones(MAX_BACKENDS, bool), 0, t_s)
+    return DecisionRecord(np.zeros(feature_dim(16), np.float32), action, np.ones(16, bool), 0, t_s)
 
 
 def test_table_is_bounded_and_counts_what_it_drops() -> None:
@@ -50,6 +50,7 @@ def small_settings(**kw: object) -> Settings:
         "mode": "train",
         "device": "cpu",
         "hidden": 16,
+        "gamma": 0.5,
         "batch_size": 8,
         "learning_starts": 16,
         "updates_per_decision": 0.2,
@@ -66,7 +67,8 @@ async def test_reward_join_builds_the_right_transition() -> None:
     view = ClusterView.create(3)
     rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
     policy = rt.policy
-    state_before = encode_state(view, 1)
+    width = rt.policy.width
+    state_before = encode_state(view, 1, 0.0, width)
     action, did = await resolve(policy.decide(1, view, now_s=0.0))
     assert did >= 0 and action in view.candidates
     # The pool dispatches, then completes and updates the view BEFORE observe.
@@ -80,9 +82,9 @@ async def test_reward_join_builds_the_right_transition() -> None:
     s = rt.replay.sample(1)
     np.testing.assert_allclose(s.obs[0].numpy(), state_before)
     assert int(s.actions.reshape(-1)[0]) == action
-    assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.25, False))
-    np.testing.assert_allclose(s.next_obs[0].numpy(), encode_state(view, 1))
-    assert s.next_mask[0].numpy().astype(bool).tolist() == action_mask(view).tolist()
+    assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.25, False, view.typical_all_s, 50.0))
+    np.testing.assert_allclose(s.next_obs[0].numpy(), encode_state(view, 1, 0.3, width))
+    assert s.next_mask[0].numpy().astype(bool).tolist() == action_mask(view, width).tolist()
     # A second outcome for the same id (or an unknown id) adds nothing.
     policy.observe(out, view, now_s=0.4)
     policy.observe(Outcome(backend=0, req_class=0, latency_s=0.1, error=True, decision_id=12345), view, 0.4)
@@ -109,13 +111,14 @@ async def test_one_iterations_outcomes_join_together_with_the_state_after_them()
         out = Outcome(backend=action, req_class=req_class, latency_s=0.1, error=False, decision_id=did)
         view.on_complete(out, now_s=0.1)
         policy.observe(out, view, now_s=0.1)
-    after = {c: encode_state(view, c) for c in (0, 2)}
+    width = policy.width
+    after = {c: encode_state(view, c, 0.1, width) for c in (0, 2)}
     await asyncio.sleep(0)
     assert len(replay) == 3
     got = {(int(replay.actions[i]), tuple(replay.obs[i])): replay.next_obs[i] for i in range(3)}
     assert sorted(int(replay.actions[i]) for i in range(3)) == sorted(a for _c, a, _d in routed[:3])
     for i in range(3):
-        c = int(np.argmax(replay.obs[i][-4:-1]))  # the class one-hot of s
+        c = int(np.argmax(replay.obs[i][width * ROW_FEATURES + C_CLASS : width * ROW_FEATURES + C_CLASS + 3]))
         np.testing.assert_array_equal(replay.next_obs[i], after[c])
     assert len(got) == 3
     req_class, action, did = routed[3]
@@ -124,7 +127,7 @@ async def test_one_iterations_outcomes_join_together_with_the_state_after_them()
     policy.observe(out, view, now_s=0.2)
     await rt.stop()  # flushes what the last iteration joined
     assert len(replay) == 4
-    np.testing.assert_array_equal(replay.next_obs[3], encode_state(view, 0))
+    np.testing.assert_array_equal(replay.next_obs[3], encode_state(view, 0, 0.2, width))
     assert not np.array_equal(replay.next_obs[3], after[0])
 
 
@@ -138,7 +141,7 @@ async def test_error_outcome_is_penalised() -> None:
     rt.policy.observe(out, view, 0.05)
     await asyncio.sleep(0)
     s = rt.replay.sample(1)
-    assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.05, True))
+    assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.05, True, view.typical_all_s, 50.0))
     rt.engine.close()
 
 
@@ -175,11 +178,13 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
     lrn.publish_now()
     for _ in range(3):
         await asyncio.sleep(0)
-    states = np.random.default_rng(0).normal(size=(50, FEATURE_DIM)).astype(np.float32)
-    masks = np.ones((50, MAX_BACKENDS), dtype=bool)
+    state = encode_state(view, 0, 3.0, rt.policy.width)
+    rows = state[: view.n * ROW_FEATURES].reshape(view.n, ROW_FEATURES)
+    out = rt.engine.inline_pass(rows, state[rt.policy.width * ROW_FEATURES :], rows[:0])
+    assert out is not None
     with torch.inference_mode():
-        expected = rt.core.online(torch.from_numpy(states)).argmax(dim=-1).numpy()
-    assert rt.engine.forward_sync(states, masks).tolist() == expected.tolist()
+        expected = rt.core.online(torch.from_numpy(state)[None])[0, : view.n].numpy()
+    np.testing.assert_allclose(out[1] - out[1][0], expected - expected[0], atol=1e-4)
 
 
 @pytest.mark.slow

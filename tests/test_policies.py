@@ -32,13 +32,22 @@ def random_view(rng: random.Random, n: int | None = None, equal_capacity: bool =
     return view
 
 
+def set_service(view: ClusterView, i: int, seconds: float) -> None:
+    """Backend i's service-time estimates, every class (and the rates derived from them)."""
+    view.service_time_s[i] = seconds
+    for c in range(len(view.class_service_s)):
+        view.class_service_s[c][i] = seconds
+        view.class_latency_s[c][i] = seconds
+        view.class_rate[c][i] = view.concurrency[i] / max(seconds, 1e-6)
+
+
 def scramble(view: ClusterView, rng: random.Random, now_s: float) -> None:
     """New in-flight counts, latency costs, update times and service times (availability untouched)."""
     for i in range(view.n):
         view.in_flight[i] = rng.randint(0, 6)
         view.latency_cost_s[i] = rng.choice((0.001, 0.01, 0.03, 0.2, 1.5))
         view.last_update_s[i] = now_s - rng.choice((0.0, 0.5, 5.0, 60.0))
-        view.set_service_time(i, rng.choice((0.0, 0.002, 0.01, 0.05)))
+        set_service(view, i, rng.choice((0.0, 0.002, 0.01, 0.05)))
     view.total_in_flight = sum(view.in_flight)
 
 
@@ -52,7 +61,7 @@ def flip_some(view: ClusterView, rng: random.Random) -> None:
 
 # --- registry ---------------------------------------------------------------------------------------
 def test_registry_builds_every_heuristic() -> None:
-    assert HEURISTICS == ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed")
+    assert HEURISTICS == ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed", "prequal", "c3")
     for name in HEURISTICS:
         policy = make_policy(name, seed=3)
         assert policy.name == name
@@ -358,14 +367,14 @@ def test_sed_matches_the_oracle_with_estimated_rates() -> None:
         view = random_view(rng)
         for _ in range(rng.randrange(view.n)):
             flip_some(view, rng)
-        rates = [view.estimated_rate(i) for i in range(view.n)]
-        assert policy.choose(0, view, 100.0) in sed_choices(view.in_flight, rates, view.candidates)
+        c = rng.randrange(3)
+        assert policy.choose(c, view, 100.0) in sed_choices(view.in_flight, view.class_rate[c], view.candidates)
 
 
 def test_sed_prefers_fast_backend_until_its_queue_is_longer() -> None:
     view = ClusterView.create(2)
-    view.set_service_time(0, 0.04)
-    view.set_service_time(1, 0.01)  # backend 1 is 4x faster
+    set_service(view, 0, 0.04)
+    set_service(view, 1, 0.01)  # backend 1 is 4x faster
     view.in_flight[:] = [0, 2]  # (0+1)*0.04 > (2+1)*0.01
     assert ShortestExpectedDelay().choose(0, view, 0.0) == 1
     view.in_flight[:] = [0, 4]  # (0+1)*0.04 < (4+1)*0.01

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from lbproxy.config import Settings
-from lbproxy.observe import ClusterView, Outcome, feature_dim
+from lbproxy.observe import F_LOG_IN_FLIGHT, F_VALID, ROW_FEATURES, ClusterView, Outcome, encode_state, feature_dim
 from lbproxy.policies.base import NoBackendAvailable, Policy
-from lbproxy.rl.agent import DqnAgent, NumpyQ
+from lbproxy.rl.agent import DqnAgent, GreedyDqn
 from lbproxy.rl.checkpoint import (
     MODEL_FORMAT,
     CheckpointError,
@@ -28,12 +28,12 @@ from lbproxy.rl.checkpoint import (
     save_model,
 )
 from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
-from lbproxy.rl.network import QNetwork, masked_argmax
+from lbproxy.rl.network import NumpyWeights, QNetwork, masked_argmax, numpy_q
 from lbproxy.rl.replay import ReplayBuffer, ReplaySamples, TransitionBatch
 from lbproxy.rl.schedule import EpsilonSchedule
 
-OBS_DIM = feature_dim()
 N_ACTIONS = 16
+OBS_DIM = feature_dim(N_ACTIONS)
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +178,7 @@ def tiny_batch(n: int = 32, seed: int = 0) -> ReplaySamples:
 
 
 def test_learner_update_reduces_td_loss_on_a_fixed_batch() -> None:
-    learner = Learner(OBS_DIM, N_ACTIONS, small_cfg(target_update_every=10_000))
+    learner = Learner(small_cfg(target_update_every=10_000))
     batch = tiny_batch()
     first = learner.update(batch)
     for _ in range(150):
@@ -188,13 +188,17 @@ def test_learner_update_reduces_td_loss_on_a_fixed_batch() -> None:
 
 
 def test_td_target_is_double_dqn_over_valid_actions_only() -> None:
-    learner = Learner(OBS_DIM, N_ACTIONS, small_cfg(gamma=0.5))
-    with torch.no_grad():
-        for net in (learner.online, learner.target):
-            net.head.weight.zero_()
-        learner.online.head.bias.copy_(torch.arange(N_ACTIONS, dtype=torch.float32))  # online prefers high a'
-        learner.target.head.bias.copy_(-torch.arange(N_ACTIONS, dtype=torch.float32))  # target: Q(a') = -a'
+    learner = Learner(small_cfg(gamma=0.5))
     batch = tiny_batch(n=4)
+    # Rows whose only non-zero feature is F_VALID = 1 and a slot-index column: Q(a') = +a' for the
+    # online network, -a' for the target (a score that is +-1 times that column).
+    obs = torch.zeros(4, OBS_DIM)
+    rows = obs[:, : N_ACTIONS * ROW_FEATURES].view(4, N_ACTIONS, ROW_FEATURES)
+    rows[:, :, F_VALID] = 1.0
+    rows[:, :, F_LOG_IN_FLIGHT] = torch.arange(N_ACTIONS, dtype=torch.float32)
+    for net, sign in ((learner.online, 1.0), (learner.target, -1.0)):
+        make_column_net(net, F_LOG_IN_FLIGHT, sign)
+    batch = batch._replace(next_obs=obs)
     mask = torch.zeros(4, N_ACTIONS, dtype=torch.bool)
     mask[0, [1, 5]] = True  # online picks 5 (15 is masked out), target scores it -5
     mask[1, :] = True  # picks 15 -> -15
@@ -208,7 +212,7 @@ def test_td_target_is_double_dqn_over_valid_actions_only() -> None:
 
 
 def test_target_syncs_every_k_updates() -> None:
-    learner = Learner(OBS_DIM, N_ACTIONS, small_cfg(target_update_every=3))
+    learner = Learner(small_cfg(target_update_every=3))
     batch = tiny_batch()
 
     def same() -> bool:
@@ -227,34 +231,34 @@ def test_target_syncs_every_k_updates() -> None:
 
 def test_learner_is_seeded_and_leaves_global_rng_alone() -> None:
     before = torch.get_rng_state()
-    a = Learner(OBS_DIM, N_ACTIONS, small_cfg(seed=3))
+    a = Learner(small_cfg(seed=3))
     assert torch.equal(torch.get_rng_state(), before)
-    b = Learner(OBS_DIM, N_ACTIONS, small_cfg(seed=3))
-    c = Learner(OBS_DIM, N_ACTIONS, small_cfg(seed=4))
-    assert torch.equal(a.online.head.weight, b.online.head.weight)
-    assert not torch.equal(a.online.head.weight, c.online.head.weight)
+    b = Learner(small_cfg(seed=3))
+    c = Learner(small_cfg(seed=4))
+    assert torch.equal(a.online.row_x.weight, b.online.row_x.weight)
+    assert not torch.equal(a.online.row_x.weight, c.online.row_x.weight)
 
 
 def test_learner_state_dict_round_trip_continues_identically(tmp_path: Path) -> None:
-    cfg = small_cfg(target_update_every=4, dueling=True)
-    a = Learner(OBS_DIM, N_ACTIONS, cfg)
+    cfg = small_cfg(target_update_every=4)
+    a = Learner(cfg)
     for s in range(5):
         a.update(tiny_batch(seed=s))
     save_checkpoint(tmp_path / "l.pth", {"learner": a.state_dict()})
-    b = Learner(OBS_DIM, N_ACTIONS, small_cfg(target_update_every=4, dueling=True, seed=11))
+    b = Learner(small_cfg(target_update_every=4, seed=11))
     b.load_state_dict(load_checkpoint(tmp_path / "l.pth")["learner"])
     assert b.updates == 5
     for s in range(5, 9):
         assert a.update(tiny_batch(seed=s)) == b.update(tiny_batch(seed=s))
     with pytest.raises(ValueError, match="hidden"):
-        Learner(OBS_DIM, N_ACTIONS, small_cfg(hidden=16)).load_state_dict(a.state_dict())
+        Learner(small_cfg(hidden=16)).load_state_dict(a.state_dict())
 
 
 def test_dqn_config_from_settings_and_device() -> None:
-    s = Settings.model_validate({"gamma": 0.9, "hidden": 64, "dueling": True, "eps_end": 0.05, "seed": 5})
+    s = Settings.model_validate({"gamma": 0.9, "hidden": 48, "eps_end": 0.05, "seed": 5})
     cfg = DqnConfig.from_settings(s)
-    assert (cfg.gamma, cfg.hidden, cfg.dueling, cfg.eps_end, cfg.seed) == (0.9, 64, True, 0.05, 5)
-    assert cfg.batch_size == s.batch_size and cfg.latency_scale_s == s.latency_scale_s
+    assert (cfg.gamma, cfg.hidden, cfg.eps_end, cfg.seed) == (0.9, 48, 0.05, 5)
+    assert cfg.batch_size == s.batch_size and cfg.error_penalty == s.error_penalty
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -277,35 +281,27 @@ def test_masked_argmax_never_picks_a_masked_action() -> None:
     assert torch.equal(q.masked_fill(~mask, -1e9).max(dim=1).values, q[torch.arange(2000), a])
 
 
-@pytest.mark.parametrize("dueling", [False, True])
-def test_numpy_forward_matches_torch_and_tracks_updates(dueling: bool) -> None:
-    learner = Learner(OBS_DIM, N_ACTIONS, small_cfg(dueling=dueling))
-    qfn = NumpyQ(learner.online, share=True)
-    x = np.random.default_rng(0).random((5, OBS_DIM), dtype=np.float32)
-    with torch.inference_mode():
-        ref = learner.online(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(qfn(x), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(qfn(x[0]), ref[0], rtol=1e-5, atol=1e-5)
-    learner.update(tiny_batch())  # in-place Adam step: the shared views see it without a refresh
-    with torch.inference_mode():
-        ref2 = learner.online(torch.from_numpy(x)).numpy()
-    assert not np.allclose(ref, ref2)
-    np.testing.assert_allclose(qfn(x), ref2, rtol=1e-5, atol=1e-5)
+def make_column_net(net: QNetwork, column: int, sign: float) -> None:
+    """Weights whose backend score is sign x `column` of the row (>= 0 columns pass the ReLUs)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.row_x.weight[0, column] = 1.0
+        net.row2.weight[0, 0] = 1.0
+        net.score.weight[0, 0] = sign
 
 
 def test_agent_never_chooses_an_unavailable_backend() -> None:
     """Greedy and exploring alike choose among `view.candidates` only, even where Q prefers another."""
-    learner = Learner(OBS_DIM, N_ACTIONS, small_cfg())
-    with torch.no_grad():
-        learner.online.head.bias[:] = 0.0
-        learner.online.head.bias[2] = 100.0  # backend 2 looks best
+    learner = Learner(small_cfg())
+    make_column_net(learner.online, F_LOG_IN_FLIGHT, 1.0)  # prefers the busiest backend
     view = ClusterView.create(4)
-    greedy = DqnAgent(learner, None, small_cfg(), train=False, total_decisions=1, seed=0)
+    for _ in range(3):
+        view.on_dispatch(2)
+    greedy = GreedyDqn(NumpyWeights.from_state_dict(learner.online.state_dict()), N_ACTIONS)
     assert greedy.choose(0, view, 0.0) == 2
     view.set_available(2, False)
-    explore = DqnAgent(
-        learner, ReplayBuffer(100, OBS_DIM, N_ACTIONS), small_cfg(), train=True, total_decisions=10, seed=0
-    )
+    explore = DqnAgent(learner, ReplayBuffer(100, OBS_DIM, N_ACTIONS), small_cfg(), total_decisions=10, seed=0)
     for agent in (greedy, explore):
         assert {agent.choose(k % 3, view, 0.0) for k in range(300)} <= {0, 1, 3}
     for i in (0, 1, 3):
@@ -316,24 +312,24 @@ def test_agent_never_chooses_an_unavailable_backend() -> None:
 
 # --- checkpoints ---------------------------------------------------------------------------------
 def test_model_round_trip_weights_identical(tmp_path: Path) -> None:
-    net = QNetwork(OBS_DIM, N_ACTIONS, hidden=32, dueling=True)
+    net = QNetwork(hidden=32)
     path = tmp_path / "dqn_final.pth"
     save_model(path, net, {"episodes": 3, "env": "sim"})
     raw = torch.load(path, weights_only=True)  # loadable without executing pickled code
     assert raw["format"] == MODEL_FORMAT and raw["arch"] == net.arch()
-    loaded, meta = load_model(path, expect_n_actions=N_ACTIONS, expect_obs_dim=OBS_DIM)
+    loaded, meta = load_model(path)
     assert meta == {"episodes": 3, "env": "sim"} and loaded.arch() == net.arch() and not loaded.training
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
 
 
 def test_load_model_accepts_a_training_checkpoint(tmp_path: Path) -> None:
-    learner = Learner(OBS_DIM, N_ACTIONS, small_cfg())
+    learner = Learner(small_cfg())
     learner.update(tiny_batch())
     save_checkpoint(tmp_path / "ckpt.pth", {"episode": 4, "learner": learner.state_dict()})
     net, meta = load_model(tmp_path / "ckpt.pth")
     assert meta == {}
-    assert torch.equal(net.head.weight, learner.online.head.weight)
+    assert torch.equal(net.row_x.weight, learner.online.row_x.weight)
 
 
 def test_atomic_save_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_path: Path) -> None:
@@ -362,7 +358,7 @@ def test_payload_that_weights_only_would_refuse_is_rejected_at_save(tmp_path: Pa
 
 def test_corrupt_truncated_missing_and_unsafe_files_give_checkpoint_error(tmp_path: Path) -> None:
     good = tmp_path / "good.pth"
-    save_model(good, QNetwork(OBS_DIM, N_ACTIONS, hidden=32), {})
+    save_model(good, QNetwork(hidden=32), {})
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     truncated = tmp_path / "truncated.pth"
@@ -376,14 +372,18 @@ def test_corrupt_truncated_missing_and_unsafe_files_give_checkpoint_error(tmp_pa
         assert str(path) in msg and "\n" not in msg
 
 
-def test_shape_mismatch_names_both_shapes(tmp_path: Path) -> None:
-    path = tmp_path / "m8.pth"
-    save_model(path, QNetwork(feature_dim(8), 8, hidden=32), {})
-    with pytest.raises(CheckpointError) as info:
-        load_model(path, expect_n_actions=16, expect_obs_dim=feature_dim(16))
-    msg = str(info.value)
-    assert "n_actions=8" in msg and "n_actions=16" in msg
-    assert f"obs_dim={feature_dim(8)}" in msg and f"obs_dim={feature_dim(16)}" in msg
+def test_old_slot_indexed_and_mismatched_models_are_one_line_errors(tmp_path: Path) -> None:
+    old = tmp_path / "old.pth"
+    save_checkpoint(old, {"format": MODEL_FORMAT, "state_dict": {"body.0.weight": torch.zeros(128, 84)}})
+    with pytest.raises(CheckpointError, match=r"old format.*--scenario generated"):
+        load_model(old)
+    wrong = tmp_path / "wrong.pth"
+    sd = QNetwork(hidden=32).state_dict()
+    sd["row_x.weight"] = torch.zeros(32, ROW_FEATURES + 1)
+    save_checkpoint(wrong, {"format": MODEL_FORMAT, "state_dict": sd})
+    with pytest.raises(CheckpointError, match="features per backend") as info:
+        load_model(wrong)
+    assert "\n" not in str(info.value)
 
 
 def test_default_model_path_is_package_data() -> None:
@@ -404,12 +404,13 @@ class Bandit:
         self.t = 0.0
         self.did = 0
 
-    def step(self, agent: DqnAgent) -> int:
+    def step(self, agent: DqnAgent | GreedyDqn) -> int:
         self.t += 0.01
         c = int(self.rng.integers(3))
         i = agent.choose(c, self.view, self.t)
         self.view.on_dispatch(i)
-        self.queue.append(Outcome(i, c, 0.01 if i == 0 else 0.1, False, decision_id=self.did))
+        st = 0.01 if i == 0 else 0.1
+        self.queue.append(Outcome(i, c, st, False, decision_id=self.did, service_time_s=st, queued_behind=0))
         self.did += 1
         while len(self.queue) > self.delay:
             out = self.queue.popleft()
@@ -420,9 +421,9 @@ class Bandit:
 
 def make_agent(seed: int = 0, total: int = 3000, **kw: object) -> DqnAgent:
     cfg = small_cfg(seed=seed, **kw)
-    learner = Learner(OBS_DIM, N_ACTIONS, cfg)
+    learner = Learner(cfg)
     replay = ReplayBuffer(5000, OBS_DIM, N_ACTIONS, seed=seed)
-    return DqnAgent(learner, replay, cfg, train=True, total_decisions=total, seed=seed)
+    return DqnAgent(learner, replay, cfg, total_decisions=total, seed=seed, width=N_ACTIONS)
 
 
 def test_agent_is_a_policy_and_learns_a_contextual_bandit() -> None:
@@ -433,7 +434,7 @@ def test_agent_is_a_policy_and_learns_a_contextual_bandit() -> None:
         env.step(agent)
     assert agent.learner.updates > 1000 and agent.epsilon == pytest.approx(agent.cfg.eps_end)
     assert agent.dropped == 0 and agent.transitions == 3000 - env.delay
-    greedy = DqnAgent(agent.learner, None, agent.cfg, train=False, total_decisions=1, seed=0)
+    greedy = GreedyDqn(NumpyWeights.from_state_dict(agent.learner.online.state_dict()), N_ACTIONS)
     picks = [env.step(greedy) for _ in range(400)]
     assert picks.count(0) / len(picks) >= 0.95
 
@@ -461,24 +462,23 @@ def test_agent_state_dict_round_trip_gives_identical_actions(tmp_path: Path) -> 
     actions_b = [env_b.step(b) for _ in range(300)]
     assert actions_a == actions_b
     assert a.learner.updates == b.learner.updates and a.last_loss == b.last_loss
-    assert torch.equal(a.learner.online.head.weight, b.learner.online.head.weight)
+    assert torch.equal(a.learner.online.row_x.weight, b.learner.online.row_x.weight)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_agent_on_cuda_keeps_its_host_copy_current(tmp_path: Path) -> None:
     cfg = small_cfg(seed=4)
-    learner = Learner(OBS_DIM, N_ACTIONS, cfg, device="cuda")
+    learner = Learner(cfg, device="cuda")
     replay = ReplayBuffer(2000, OBS_DIM, N_ACTIONS, seed=4)
-    agent = DqnAgent(learner, replay, cfg, train=True, total_decisions=400, seed=4)
-    assert not agent._qfn.share
+    agent = DqnAgent(learner, replay, cfg, total_decisions=400, seed=4, width=N_ACTIONS)
     env = Bandit(seed=5)
     for _ in range(400):
         env.step(agent)
     assert learner.updates > 0
-    x = np.random.default_rng(0).random((3, OBS_DIM), dtype=np.float32)
+    x = np.stack([encode_state(env.view, c, env.t, N_ACTIONS) for c in range(3)])
     with torch.inference_mode():
         ref = learner.online(torch.from_numpy(x).cuda()).cpu().numpy()
-    np.testing.assert_allclose(agent._qfn(x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(numpy_q(agent._weights, x), ref, rtol=1e-4, atol=1e-4)
     save_model(tmp_path / "m.pth", learner.online, {})
     net, _ = load_model(tmp_path / "m.pth", device="cuda")
     assert next(net.parameters()).device.type == "cuda"

@@ -114,12 +114,12 @@ def test_checkpoints_at_the_right_episodes(full_run: Path) -> None:
 
 
 def test_final_model_loads_with_weights_only(full_run: Path) -> None:
-    from lbproxy.observe import MAX_BACKENDS, feature_dim
     from lbproxy.rl.checkpoint import load_model
+    from lbproxy.rl.network import ARCH_NAME
 
     payload = torch.load(full_run / "dqn_final.pth", weights_only=True)
-    assert payload["arch"]["n_actions"] == MAX_BACKENDS
-    net, meta = load_model(full_run / "dqn_final.pth", expect_n_actions=MAX_BACKENDS, expect_obs_dim=feature_dim())
+    assert payload["arch"]["name"] == ARCH_NAME
+    net, meta = load_model(full_run / "dqn_final.pth")
     assert meta["episodes"] == 30
     assert net.hidden == 16
 

@@ -1,4 +1,4 @@
-"""Balancing policies: the Policy protocol, the six heuristic baselines and their registry.
+"""Balancing policies: the Policy protocol, the eight heuristic baselines and their registry.
 
 The DQN policy needs a network, a batcher and a learner, so it is built by
 `lbproxy.policies.dqn.create_dqn_runtime`, not here.
@@ -9,14 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lbproxy.policies.base import AsyncPolicy, NoBackendAvailable, Policy
+from lbproxy.policies.c3 import C3
 from lbproxy.policies.least_conn import LeastConn
 from lbproxy.policies.p2c import PowerOfTwoChoices
 from lbproxy.policies.peak_ewma import PeakEwma
+from lbproxy.policies.prequal import Prequal
 from lbproxy.policies.random_choice import RandomChoice
 from lbproxy.policies.round_robin import RoundRobin
 from lbproxy.policies.sed import ShortestExpectedDelay
 
 __all__ = [
+    "C3",
     "HEURISTICS",
     "AsyncPolicy",
     "LeastConn",
@@ -24,6 +27,7 @@ __all__ = [
     "PeakEwma",
     "Policy",
     "PowerOfTwoChoices",
+    "Prequal",
     "RandomChoice",
     "RoundRobin",
     "ShortestExpectedDelay",
@@ -37,9 +41,11 @@ _FACTORIES: dict[str, Callable[[int], Policy]] = {
     "p2c": PowerOfTwoChoices,
     "peak_ewma": PeakEwma,
     "sed": ShortestExpectedDelay,
+    "prequal": Prequal,
+    "c3": C3,
 }
 
-HEURISTICS: tuple[str, ...] = ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed")
+HEURISTICS: tuple[str, ...] = ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed", "prequal", "c3")
 """Every heuristic baseline, in the order evaluation tables list them."""
 
 

@@ -1,4 +1,5 @@
-"""The live `dqn` policy: batched inference with a decision deadline, the reward join, online learning.
+"""The live `dqn` policy: per-iteration inference with exact per-dispatch re-scoring, a decision
+deadline, safe exploration, the guardrail's control arm and the reward join for online learning.
 
 `create_dqn_runtime(settings, view, metrics)` builds everything the proxy needs (serve.py calls it;
 live_train.py builds one in train mode): the policy (an `AsyncPolicy`), the inference engine, and in
@@ -24,22 +25,26 @@ from typing import Any
 import numpy as np
 
 from lbproxy.config import ConfigError, Settings
+from lbproxy.guardrail import Guardrail
 from lbproxy.observe import (
     MAX_BACKENDS,
     NUM_CLASSES,
+    ROW_FEATURES,
     ClusterView,
+    DispatchModel,
     Outcome,
     WindowStats,
     action_mask,
-    dispatch_states,
     encode_state,
     feature_dim,
     is_accurate,
+    learning_width,
     reward,
 )
 from lbproxy.policies.base import Decision, NoBackendAvailable, Policy
 from lbproxy.proxy.batched_metrics import BatchedHistogram
 from lbproxy.rl.batcher import InferenceEngine
+from lbproxy.rl.network import RowScorer
 from lbproxy.rl.online import BackgroundLearner, DecisionRecord, DecisionTable, ProcessLearner
 from lbproxy.rl.replay import TransitionBatch
 from lbproxy.rl.schedule import EpsilonSchedule
@@ -51,6 +56,19 @@ GAUGE_INTERVAL_S = 1.0
 FALLBACK_POLICY = "peak_ewma"
 """DESIGN.md §3: a missed deadline or a missing model routes by peak-EWMA P2C (Linkerd's default)."""
 
+CONTROL_ARM = -2
+"""Decision id of a request routed by the guardrail's control arm when no decision record is kept
+(greedy serving): the outcome tells the guardrail which arm it belongs to. DQN-routed: -1."""
+
+EXTEND_LEVELS = 4
+"""Inline: when a backend takes more dispatches within one snapshot than its scores were computed for,
+this many further what-if rows of it are scored in one row pass (one per extra dispatch)."""
+
+OFF_LOOP_LEVELS = 8
+"""Off-loop: an off-loop pass scores every backend after 0..7 more dispatches in one device pass (8
+states); a snapshot whose backend would need a ninth is retired and the next decision takes a new
+one (a device round trip costs more than re-encoding, so no per-row extension)."""
+
 
 class EpisodeTracker:
     """Per-episode quality window for live training: the same WindowStats the simulator uses.
@@ -58,45 +76,25 @@ class EpisodeTracker:
     Outcomes are counted in the window open when they complete (live requests straddle episodes).
     """
 
-    def __init__(self, n: int, episode_decisions: int, latency_scale_s: float, error_penalty: float) -> None:
+    def __init__(self, n: int, episode_decisions: int, error_penalty: float) -> None:
         self.episode_decisions = episode_decisions
-        self.latency_scale_s = latency_scale_s
         self.error_penalty = error_penalty
         self.n = n
-        self.window = WindowStats(n, latency_scale_s, error_penalty)
+        self.window = WindowStats(n, error_penalty)
         self.completed: list[WindowStats] = []
         self.on_episode: Callable[[], None] | None = None
 
-    def record_decision(self, action: int, view: ClusterView) -> None:
-        self.window.record_decision(action, is_accurate(action, view.in_flight, view.rate, view.candidates))
+    def record_decision(self, action: int, req_class: int, view: ClusterView) -> None:
+        ok = is_accurate(action, view.in_flight, view.class_rate[req_class], view.candidates)
+        self.window.record_decision(action, ok)
         if self.window.decisions >= self.episode_decisions:
             self.completed.append(self.window)
-            self.window = WindowStats(max(self.n, view.n), self.latency_scale_s, self.error_penalty)
+            self.window = WindowStats(max(self.n, view.n), self.error_penalty)
             if self.on_episode is not None:
                 self.on_episode()
 
-    def record_outcome(self, outcome: Outcome) -> None:
-        self.window.record_outcome(outcome)
-
-
-DISPATCH_EFFECT_TTL_S = 0.05
-"""A measured dispatch effect (below) is reused by later loop iterations of the same request class for
-this long, then measured again (also at once on new weights or a new candidate set). A ReLU network
-is piecewise linear, so the effect only changes when the operating point crosses into another linear
-region; 50 ms is ~50 iterations at saturation, and measuring costs one pass of k+1 rows instead of 1."""
-
-
-@dataclasses.dataclass(slots=True)
-class _DispatchEffect:
-    """How one more request dispatched to slot b moves the Q-values: row b of `d` is
-    Q(state after that dispatch) - Q(state), measured with `observe.dispatch_states`."""
-
-    d: list[np.ndarray]
-    """Row b (as a list: indexing it makes no NumPy view on the per-request path)."""
-    version: int
-    """The engine's weight version it was measured with."""
-    candidates: list[int]
-    t_s: float
+    def record_outcome(self, outcome: Outcome, view: ClusterView) -> None:
+        self.window.record_outcome(outcome, view.typical_all_s)
 
 
 @dataclasses.dataclass(slots=True, eq=False)  # identity: it holds arrays, and lists of snapshots are searched
@@ -104,46 +102,44 @@ class _Snapshot:
     """What every request of one class sees during one event-loop iteration (the batch).
 
     The requests whose handlers run in one loop iteration are decided from one encoded state per
-    class and ONE forward pass. They are not blind to each other: each decision adds the dispatch
-    effect of its action to `q`, so the next one is taken on Q-values moved as the network says the
-    dispatch moves them: first order in the iteration's dispatches, exact for the first when the
-    effect was measured on this state (else it is at most DISPATCH_EFFECT_TTL_S old). Without that,
-    every request of an iteration would go to the same backend: worse routing, and ~5 % less proxy
-    throughput even for round robin made to do so (measured while building this).
+    class. They are not blind to each other: every dispatch (by any class, any arm) advances the
+    dispatched backend's score to the one it has with one more request in flight (`levels`), which
+    is exactly the score a full forward pass of the state after that dispatch would give it: a
+    dispatch changes that one row and nothing the other rows' scores depend on (rl/network.py).
+    Without that, every request of an iteration would go to the same backend: worse routing, and
+    ~5 % less proxy throughput even for round robin made to do so (measured while building this).
 
     Inline, the pass runs when the iteration's first request needs it and nobody is suspended.
-    Off-loop (CUDA), the snapshot's rows go to the device thread and its requests wait for them; the
-    dispatches other requests make meanwhile are counted in `since` and applied when the Q-values
-    land, so passes in flight do not herd either.
+    Off-loop (CUDA), the snapshot's states go to the device thread and its requests wait for them;
+    the dispatches other requests make meanwhile are counted too and applied when the scores land.
     `state` and `mask` are never mutated once built: decision records keep references to them.
     """
 
     state: np.ndarray
+    model: DispatchModel
     mask: np.ndarray
-    mask_add: np.ndarray
-    """0 on the mask, -inf off it: Q-values plus this are masked in one addition."""
     candidates: list[int]
     """The view's candidates list it was built from: a new list (health event) invalidates it."""
-    q: np.ndarray | None = None
-    """Masked Q-values for the next decision (-inf off the mask), once evaluated."""
-    d: list[np.ndarray] | None = None
+    counts: list[int]
+    """Dispatches per slot since the snapshot was encoded."""
+    scores: np.ndarray | None = None
+    """Each slot's current score (-inf off the mask), once evaluated."""
+    levels: list[list[float]] | None = None
+    """levels[b][k]: slot b's score after k dispatches since the snapshot."""
+    scorer: RowScorer | None = None
+    """Inline: the state's pass, to score further what-if rows of one backend."""
     late: bool = False
     """The pass missed the decision deadline (or failed): the snapshot's requests fall back."""
+    exhausted: bool = False
+    """Off-loop: a backend went past the dispatches its scores were computed for: take a new snapshot."""
     answered: int = 0
     """Greedy decisions answered from this snapshot's pass (the pass's batch size)."""
-    measure: bool = False
-    """This snapshot's pass also re-measures its class's dispatch effect (it has k+1 rows)."""
-    t_s: float = 0.0
-    version: int = 0
-    """The engine's weight version when the pass was asked for (what a re-measured effect is valid for)."""
     pending: asyncio.Future[np.ndarray | None] | None = None
     """Off-loop: the pass in flight."""
-    since: list[int] | None = None
-    """Off-loop: dispatches per slot made while the pass was in flight."""
 
 
 class DqnPolicy:
-    """`AsyncPolicy` over an :class:`InferenceEngine`, with ε-greedy exploration in train mode."""
+    """`AsyncPolicy` over an :class:`InferenceEngine`, with safe exploration in train/online mode."""
 
     name = "dqn"
 
@@ -153,89 +149,107 @@ class DqnPolicy:
         *,
         metrics: Metrics | None = None,
         fallback: Policy | None = None,
-        max_backends: int = MAX_BACKENDS,
+        width: int = MAX_BACKENDS,
         learner: BackgroundLearner | ProcessLearner | None = None,
         table: DecisionTable | None = None,
         epsilon: Callable[[int], float] | None = None,
-        latency_scale_s: float = 0.1,
-        error_penalty: float = 5.0,
+        error_penalty: float = 20.0,
         seed: int = 0,
         tracker: EpisodeTracker | None = None,
+        bootstrap: bool = True,
+        guardrail: Guardrail | None = None,
     ) -> None:
         from lbproxy.policies import make_policy
 
         self.engine = engine
         self.metrics = metrics
         self.fallback = fallback if fallback is not None else make_policy(FALLBACK_POLICY, seed)
-        self.max_backends = max_backends
+        self.width = width
+        """Rows of every encoded state: the replay's width when learning, else room for the pool."""
         self.learner = learner
         self.table = table if table is not None or learner is None else DecisionTable()
         self.epsilon_fn = epsilon
         self.epsilon = epsilon(0) if epsilon is not None else 0.0
-        self.latency_scale_s = latency_scale_s
         self.error_penalty = error_penalty
+        self.bootstrap = bootstrap
+        """False with gamma = 0: transitions carry no s' (the learner never reads it)."""
         self.rng = random.Random(seed)
         self.tracker = tracker
+        self.guardrail = guardrail
+        """The control arm and the switch to the fallback when the DQN is worse (lbproxy/guardrail.py)."""
+        self._by_fallback = guardrail.route_by_fallback if guardrail is not None else None
         self.decisions = 0
         self.explored = 0
         self.fallback_counts = {"deadline": 0, "no_model": 0, "unavailable": 0}
         self._next_id = 0
-        self._mask = np.zeros(max_backends, dtype=bool)
-        self._mask_add = np.zeros(max_backends, dtype=np.float32)
-        """0 on the mask, -inf off it: Q-values plus this are masked in one addition."""
         self._inline = engine.inline
         self._max_batch = engine.max_batch
-        """Inline: decisions one pass answers before the next is taken (bounds the first-order drift)."""
+        """Decisions one pass answers before the next is taken."""
         self._learning = self.epsilon_fn is not None or self.tracker is not None or self.table is not None
+        self._mask = np.zeros(width, dtype=bool)
         self._mask_src: list[int] | None = None
         self._mask_len = -1
         self._fb_children: dict[str, Any] = {}
         self._snapshots: list[_Snapshot | None] = [None] * NUM_CLASSES
-        self._evaluated: list[_Snapshot] = []
-        """Snapshots whose Q-values the next decisions move (this iteration's)."""
-        self._in_flight: list[_Snapshot] = []
-        """Off-loop snapshots whose pass has not landed yet (they count dispatches in `since`)."""
-        self._effects: list[_DispatchEffect | None] = [None] * NUM_CLASSES
+        self._live: list[_Snapshot] = []
+        """Snapshots whose scores this iteration's dispatches move (evaluated, or off-loop in flight)."""
         self._joined: list[list[tuple[DecisionRecord, float]]] = [[] for _ in range(NUM_CLASSES)]
         """Outcomes joined with their decision in this loop iteration (decision record, reward), by class."""
         self._join_armed = False
         self._join_view: ClusterView | None = None
+        self._join_now_s = 0.0
         self._clear_armed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._no_state = np.zeros(feature_dim(width), dtype=np.float32)
+        self._no_mask = np.zeros(width, dtype=bool)
         if metrics is not None:
             for reason in self.fallback_counts:
                 self._fb_children[reason] = metrics.fallbacks.labels(reason=reason)
+
+    def describe(self) -> dict[str, object]:
+        """The policy's state for the admin JSON (GET /admin/backends)."""
+        return {
+            "decisions": self.decisions,
+            "explored": self.explored,
+            "epsilon": self.epsilon,
+            "fallbacks": dict(self.fallback_counts),
+            "model_version": self.engine.version,
+            "guardrail": self.guardrail.describe() if self.guardrail is not None else None,
+        }
 
     def _mask_for(self, view: ClusterView) -> np.ndarray:
         """The action mask, rebuilt only when the pool replaced its candidates list (health events).
         Never mutated once built: queued decisions and table records keep references to it."""
         cands = view.candidates
         if cands is not self._mask_src or self._mask_len != len(cands):
-            self._mask = action_mask(view, self.max_backends)
-            self._mask_add = np.where(self._mask, 0.0, -np.inf).astype(np.float32)
+            self._mask = action_mask(view, self.width)
             self._mask_src = cands
             self._mask_len = len(cands)
         return self._mask
 
-    def _snapshot(self, req_class: int, view: ClusterView) -> _Snapshot:
-        """A new snapshot for the class (first use in this iteration, new candidates, or max_batch
-        decisions taken from the last one). All are retired by one callback queued behind the
-        iteration's handlers."""
+    def _snapshot(self, req_class: int, view: ClusterView, now_s: float) -> _Snapshot:
+        """A new snapshot for the class (first use in this iteration, new candidates, max_batch
+        decisions taken from the last one, or the last one exhausted). All are retired by one
+        callback queued behind the iteration's handlers."""
         snap = self._snapshots[req_class]
         if snap is not None:
             self._retire(snap)
         self._arm_clear()
-        mask = self._mask_for(view)
-        snap = _Snapshot(encode_state(view, req_class, self.max_backends), mask, self._mask_add, view.candidates)
+        state = encode_state(view, req_class, now_s, self.width)
+        snap = _Snapshot(
+            state, DispatchModel(view, req_class, state), self._mask_for(view), view.candidates, [0] * view.n
+        )
         self._snapshots[req_class] = snap
+        self._live.append(snap)  # counts every dispatch from now on, evaluated or not
         return snap
 
     def _retire(self, snap: _Snapshot) -> None:
-        """Account the snapshot's pass (the batch size is known now) and stop moving its Q-values."""
+        """Account the snapshot's pass (the batch size is known now) and stop moving its scores."""
         if snap.answered:
             self.engine.record_pass(snap.answered)
-        if snap.q is not None:
-            self._evaluated.remove(snap)
+            snap.answered = 0
+        if snap.pending is None and snap in self._live:
+            self._live.remove(snap)
 
     def _soon(self, callback: Callable[[], None]) -> None:
         """Run `callback` after the handlers already queued for this loop iteration (asyncio and uvloop
@@ -252,60 +266,61 @@ class DqnPolicy:
 
     def _clear_snapshots(self) -> None:
         """End of the iteration: account every evaluated snapshot's pass; the next request of each
-        class takes a new snapshot. (Off-loop snapshots still in flight stay in `_in_flight`.)"""
+        class takes a new snapshot. (Off-loop snapshots still in flight stay live.)"""
         self._clear_armed = False
         for c in range(NUM_CLASSES):
             self._snapshots[c] = None
-        for snap in self._evaluated:
-            if snap.answered:
+        keep = []
+        for snap in self._live:
+            if snap.pending is not None and snap.scores is None and not snap.late:  # off-loop, in flight
+                keep.append(snap)
+            elif snap.answered:
                 self.engine.record_pass(snap.answered)
-        self._evaluated.clear()
+        self._live = keep
 
-    def _pass_rows(self, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> np.ndarray:
-        """What the snapshot's pass evaluates: its state, plus one row per candidate's dispatch
-        (`observe.dispatch_states`) when the class's cached dispatch effect is stale."""
-        engine = self.engine
-        eff = self._effects[req_class]
-        snap.measure = not (
-            eff is not None
-            and eff.version == engine.version
-            and eff.candidates is view.candidates
-            and now_s - eff.t_s < DISPATCH_EFFECT_TTL_S
-        )
-        snap.t_s = now_s
-        snap.version = engine.version
-        return dispatch_states(view, snap.state, self.max_backends) if snap.measure else snap.state
+    def _install(self, snap: _Snapshot, levels: list[list[float]]) -> np.ndarray:
+        """Start deciding from a pass's scores, moved by the dispatches counted since the snapshot."""
+        n = len(levels)
+        scores = np.full(n, -np.inf)
+        for b in snap.candidates:
+            k = snap.counts[b]
+            lev = levels[b]
+            if k >= len(lev) and not self._extend(snap, levels, b, k):
+                snap.exhausted = True
+                break
+            scores[b] = lev[k]
+        snap.levels = levels
+        snap.scores = scores
+        if snap not in self._live:
+            self._live.append(snap)
+        return scores
 
-    def _land(self, snap: _Snapshot, req_class: int, q: np.ndarray) -> np.ndarray:
-        """Install a pass's Q-values on the snapshot (re-measuring the dispatch effect when its pass
-        carried the dispatch rows) and start moving them with each dispatch."""
-        if snap.measure:
-            d = np.zeros((self.max_backends, self.max_backends), dtype=np.float32)
-            d[snap.candidates] = q[1:] - q[0]
-            self._effects[req_class] = _DispatchEffect(list(d), snap.version, snap.candidates, snap.t_s)
-            q = q[0]
-        elif q.ndim == 2:
-            q = q[0]
-        effect = self._effects[req_class]
-        assert effect is not None
-        q = q + snap.mask_add
-        if snap.since is not None:  # off-loop: what was dispatched while the pass was in flight
-            for b, count in enumerate(snap.since):
-                if count:
-                    q += count * effect.d[b]
-        snap.q = q
-        snap.d = effect.d
-        self._evaluated.append(snap)
-        return q
+    def _extend(self, snap: _Snapshot, levels: list[list[float]], b: int, k: int) -> bool:
+        """Inline: score slot b after k .. k + EXTEND_LEVELS - 1 dispatches (one row pass). Off-loop: no."""
+        if snap.scorer is None:
+            return False
+        start = len(levels[b])
+        extra = np.arange(start, max(k + 1, start + EXTEND_LEVELS), dtype=np.float64)
+        rows = snap.model.rows_after(np.full(len(extra), b), extra)
+        levels[b].extend(self.engine.score(snap.scorer, rows).tolist())
+        return True
 
-    def _evaluate(self, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> np.ndarray | None:
-        """The inline pass for a snapshot, or None (and the snapshot marked late) when the pass
-        missed the deadline."""
-        q = self.engine.q_now(self._pass_rows(snap, req_class, view, now_s))
-        if q is None:
+    def _evaluate(self, snap: _Snapshot) -> np.ndarray | None:
+        """The inline pass for a snapshot: every candidate's score now and after one more dispatch;
+        None (and the snapshot marked late) when the pass missed the deadline."""
+        model = snap.model
+        cands = np.asarray(snap.candidates)
+        out = self.engine.inline_pass(model.rows, model.ctx, model.rows_after(cands, np.ones(len(cands))))
+        if out is None:
             snap.late = True
             return None
-        return self._land(snap, req_class, q)
+        snap.scorer, scores = out
+        flat = scores.tolist()
+        n = model.n
+        levels: list[list[float]] = [[flat[b]] for b in range(n)]
+        for j, b in enumerate(snap.candidates):
+            levels[b].append(flat[n + j])
+        return self._install(snap, levels)
 
     def _fall_back(self, reason: str, req_class: int, view: ClusterView, now_s: float) -> int:
         self.fallback_counts[reason] += 1
@@ -317,48 +332,73 @@ class DqnPolicy:
     def decide(self, req_class: int, view: ClusterView, now_s: float) -> Decision | Awaitable[Decision]:
         """(backend, decision id) at once on the inline path, or an awaitable of it when the answer
         comes from an off-loop pass (AsyncPolicy)."""
+        by_fallback = self._by_fallback
+        if by_fallback is not None and by_fallback(req_class):
+            return self._control(req_class, view, now_s)
         snap = self._snapshots[req_class]
-        if snap is None or snap.candidates is not view.candidates or snap.answered >= self._max_batch:
+        if snap is None or snap.candidates is not view.candidates or snap.answered >= self._max_batch or snap.exhausted:
             if not view.candidates:
                 raise NoBackendAvailable("no backend available")
-            snap = self._snapshot(req_class, view)
+            snap = self._snapshot(req_class, view, now_s)
         eps = self.epsilon
-        q = snap.q
+        scores = snap.scores
         if eps > 0.0 and self.rng.random() < eps:
-            action = self.rng.choice(view.candidates)
+            # Safe exploration: the fallback heuristic's pick (P2C on peak-EWMA: the better of two random
+            # backends) is a backend a production balancer would choose too, never a random overloaded
+            # one. Learning is off-policy, so these decisions teach the network like its own.
+            action = self.fallback.choose(req_class, view, now_s)
             self.explored += 1
-        elif q is not None:  # the iteration's pass has run: the common case under load
-            action = int(q.argmax())
+        elif scores is not None:  # the iteration's pass has run: the common case under load
+            action = int(scores.argmax())
             snap.answered += 1
         elif not self.engine.has_model:
             action = self._fall_back("no_model", req_class, view, now_s)
         elif not self._inline:
             return self._decide_off_loop(snap, req_class, view, now_s)
-        elif snap.late or (q := self._evaluate(snap, req_class, view, now_s)) is None:
+        elif snap.late or (scores := self._evaluate(snap)) is None:
             # The pass was too slow: every request of the snapshot falls back.
             action = self._fall_back("deadline", req_class, view, now_s)
         else:
-            action = int(q.argmax())
+            action = int(scores.argmax())
             snap.answered += 1
         return self._decided(action, snap, req_class, view, now_s)
+
+    def _control(self, req_class: int, view: ClusterView, now_s: float) -> Decision:
+        """The guardrail's control arm (everything but its probe share while it is tripped): the
+        fallback heuristic decides. Such decisions still move the live snapshots' scores, and when
+        learning they are recorded like any other (learning is off-policy)."""
+        if not view.candidates:
+            raise NoBackendAvailable("no backend available")
+        action = self.fallback.choose(req_class, view, now_s)
+        snap = self._snapshots[req_class] if self._learning else None
+        if self._learning and (snap is None or snap.candidates is not view.candidates or snap.exhausted):
+            snap = self._snapshot(req_class, view, now_s)
+        action, did = self._decided(action, snap, req_class, view, now_s, by_fallback=True)
+        return action, did if did >= 0 else CONTROL_ARM
 
     async def _decide_off_loop(self, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> Decision:
         """Wait for the snapshot's off-loop pass (the first request of the snapshot submits it), then
         decide as the inline path does."""
         pending = snap.pending
         if pending is None:
-            rows = self._pass_rows(snap, req_class, view, now_s)
-            pending = snap.pending = self.engine.submit_q(rows if rows.ndim == 2 else rows[None])
-            snap.since = [0] * self.max_backends
-            self._in_flight.append(snap)
+            model = snap.model
+            cands = np.asarray(snap.candidates)
+            states = np.repeat(snap.state[None], OFF_LOOP_LEVELS, axis=0)
+            width = self.width
+            for k in range(1, OFF_LOOP_LEVELS):
+                rows = states[k, : width * ROW_FEATURES].reshape(width, ROW_FEATURES)
+                rows[cands] = model.rows_after(cands, np.full(len(cands), float(k)))
+            pending = snap.pending = self.engine.submit_q(states)
             # Registered before any request awaits, so it runs first when the pass lands.
-            pending.add_done_callback(lambda fut: self._landed(snap, req_class, fut))
+            pending.add_done_callback(lambda fut: self._landed(snap, fut))
         await pending
-        q = snap.q
-        if q is None:
+        scores = snap.scores
+        if scores is None or snap.late:
             action = self._fall_back("deadline", req_class, view, now_s)
+        elif snap.exhausted:
+            return await self._resolve(self.decide(req_class, view, now_s))
         else:
-            action = int(q.argmax())
+            action = int(scores.argmax())
             if action not in view.candidates:
                 # The backend went away while the pass ran (ejected/removed): never route to it.
                 action = self._fall_back("unavailable", req_class, view, now_s)
@@ -366,57 +406,89 @@ class DqnPolicy:
                 snap.answered += 1
         return self._decided(action, snap, req_class, view, now_s)
 
-    def _landed(self, snap: _Snapshot, req_class: int, fut: asyncio.Future[np.ndarray | None]) -> None:
-        self._in_flight.remove(snap)
+    @staticmethod
+    async def _resolve(decision: Decision | Awaitable[Decision]) -> Decision:
+        return decision if isinstance(decision, tuple) else await decision
+
+    def _landed(self, snap: _Snapshot, fut: asyncio.Future[np.ndarray | None]) -> None:
         q = None if fut.cancelled() else fut.result()
         if q is None:
             snap.late = True
+            if snap in self._live:
+                self._live.remove(snap)
             return
-        self._land(snap, req_class, q)
-        self._arm_clear()  # queued behind the snapshot's waiting requests: they all see its Q-values
+        n = snap.model.n
+        self._install(snap, [q[:, b].tolist() for b in range(n)])
+        self._arm_clear()  # queued behind the snapshot's waiting requests: they all see its scores
 
-    def _decided(self, action: int, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> Decision:
-        """Bookkeeping common to every decision, however it was made."""
-        for ev in self._evaluated:  # this dispatch moves the Q-values of the iteration's next decisions
-            ev.q += ev.d[action]  # type: ignore[index, operator]
-        for fl in self._in_flight:  # ... and those of passes in flight, once they land
-            fl.since[action] += 1  # type: ignore[index]
+    def _decided(
+        self,
+        action: int,
+        snap: _Snapshot | None,
+        req_class: int,
+        view: ClusterView,
+        now_s: float,
+        by_fallback: bool = False,
+    ) -> Decision:
+        """Bookkeeping common to every decision, however it was made: the dispatch it makes moves the
+        dispatched backend's score in every live snapshot, exactly."""
+        if self._learning and snap is not None:
+            decision = self._record(action, snap, req_class, view, now_s, by_fallback)
+        else:
+            decision = (action, -1)
+        for live in self._live:
+            counts = live.counts
+            if action >= len(counts):
+                continue  # a slot added after the snapshot was taken
+            k = counts[action] + 1
+            counts[action] = k
+            levels, scores = live.levels, live.scores
+            if levels is None or scores is None or scores[action] == -np.inf:
+                continue  # in flight (applied when it lands), or not a candidate of that snapshot
+            lev = levels[action]
+            if k >= len(lev) and not self._extend(live, levels, action, k):
+                live.exhausted = True
+                continue
+            scores[action] = lev[k]
         self.decisions += 1
-        if self._learning:
-            return self._record(action, snap, req_class, view, now_s)
-        return action, -1
+        return decision
 
-    def _record(self, action: int, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float) -> Decision:
+    def _record(
+        self, action: int, snap: _Snapshot, req_class: int, view: ClusterView, now_s: float, by_fallback: bool
+    ) -> Decision:
         """Train/online bookkeeping: ε schedule, episode tracker, and the decision record for the join."""
         if self.epsilon_fn is not None:
-            self.epsilon = self.epsilon_fn(self.decisions)
+            self.epsilon = self.epsilon_fn(self.decisions + 1)
         if self.tracker is not None:
-            self.tracker.record_decision(action, view)
+            self.tracker.record_decision(action, req_class, view)
         table = self.table
         if table is None:
             return action, -1
         decision_id = self._next_id
         self._next_id += 1
-        # The state the decision was taken in: the view now (the snapshot's dispatch-moved Q-values
-        # stand for it), not the snapshot's.
-        state = encode_state(view, req_class, self.max_backends)
-        table.put(decision_id, DecisionRecord(state, action, snap.mask, req_class, now_s))
+        # The state the decision was taken in: the snapshot after the dispatches made since it was encoded.
+        state = snap.model.state_after(snap.counts) if any(snap.counts) else snap.state
+        table.put(decision_id, DecisionRecord(state, action, snap.mask, req_class, now_s, by_fallback))
         return action, decision_id
 
     def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
         """Join the outcome with its decision; the transition enters the replay at the end of the loop
         iteration (`flush_joins`)."""
         if self.tracker is not None:
-            self.tracker.record_outcome(outcome)
+            self.tracker.record_outcome(outcome, view)
+        did = outcome.decision_id
         table = self.table
-        if table is None or self.learner is None:
-            return
-        rec = table.pop(outcome.decision_id)
-        if rec is None:
+        rec = table.pop(did) if table is not None and did >= 0 else None
+        guard = self.guardrail
+        if guard is not None:
+            by_fallback = rec.by_fallback if rec is not None else did == CONTROL_ARM
+            guard.record(outcome.req_class, by_fallback, outcome.latency_s, outcome.error, now_s)
+        if rec is None or self.learner is None:
             return
         self._joined[rec.req_class].append(
-            (rec, reward(outcome.latency_s, outcome.error, self.latency_scale_s, self.error_penalty))
+            (rec, reward(outcome.latency_s, outcome.error, view.typical_all_s, self.error_penalty))
         )
+        self._join_now_s = now_s
         if not self._join_armed:
             self._join_view = view
             self._join_armed = True
@@ -426,20 +498,25 @@ class DqnPolicy:
         """The outcomes joined in one loop iteration become transitions together, with s' encoded once
         per class from the view as it is now: after the pool applied all of the iteration's
         completions, the state the next decisions start from. (Done per completion, the encoding and
-        the replay row cost the loop ~7 µs a request; batched, ~4: benchmarks/results/dqn_proxy.md.)"""
+        the replay row cost the loop ~7 µs a request; batched, ~4: benchmarks/results/dqn_proxy.md.)
+        Without bootstrapping (gamma = 0) s' is never read and not encoded."""
         self._join_armed = False
         view, learner = self._join_view, self.learner
         if view is None or learner is None:
             return
-        next_mask = self._mask_for(view)
         for req_class, joined in enumerate(self._joined):
             if joined:
+                if self.bootstrap:
+                    next_state = encode_state(view, req_class, self._join_now_s, self.width)
+                    next_mask = self._mask_for(view)
+                else:
+                    next_state, next_mask = self._no_state, self._no_mask
                 learner.add_transitions(
                     TransitionBatch(
                         np.stack([rec.state for rec, _r in joined]),
                         [rec.action for rec, _r in joined],
                         [r for _rec, r in joined],
-                        encode_state(view, req_class, self.max_backends),
+                        next_state,
                         next_mask,
                     )
                 )
@@ -511,8 +588,12 @@ class DqnRuntime:
             m.replay_size.set(len(lrn.replay))
 
     async def _gauges(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(GAUGE_INTERVAL_S)
+            guard = self.policy.guardrail
+            if guard is not None:
+                guard.evaluate(loop.time())  # ~1-2 ms per tested class, once a second
             self.update_gauges()
             self.table_expire()
             lrn = self.learner
@@ -532,7 +613,7 @@ def _model_error(path: Path, exc: Exception) -> ConfigError:
     return ConfigError(str(exc) if str(path) in str(exc) else f"cannot load model {str(path)!r}: {exc}")
 
 
-def load_serving_model(settings: Settings, max_backends: int = MAX_BACKENDS) -> tuple[Any, dict[str, Any], Path]:
+def load_serving_model(settings: Settings) -> tuple[Any, dict[str, Any], Path]:
     """The model to serve: --model, else the shipped default. Missing/mismatched -> ConfigError (one line)."""
     from lbproxy.rl.checkpoint import CheckpointError, default_model_path, load_model
 
@@ -545,9 +626,7 @@ def load_serving_model(settings: Settings, max_backends: int = MAX_BACKENDS) -> 
         )
         raise ConfigError(f"model file {str(path)!r} not found; {hint}")
     try:
-        net, meta = load_model(
-            path, device="cpu", expect_n_actions=max_backends, expect_obs_dim=feature_dim(max_backends)
-        )
+        net, meta = load_model(path, device="cpu")
     except CheckpointError as exc:
         raise _model_error(path, exc) from None
     return net, meta, path
@@ -580,8 +659,12 @@ def create_dqn_runtime(
     from lbproxy.rl.replay import ReplayBuffer
 
     is_train = settings.mode == "train" if train is None else train
-    mb = MAX_BACKENDS
-    obs_dim = feature_dim(mb)
+    learning = is_train or settings.online
+    n = view.n if view is not None else max(1, len(settings.backends))
+    # Learning: the replay's width (memory grows with it; a backend added at runtime past it is routed
+    # by the fallback). Serving only: room for every slot the pool can ever have.
+    width = learning_width(n) if learning else MAX_BACKENDS
+    obs_dim = feature_dim(width)
     device = resolve_device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or --device cpu")
@@ -591,33 +674,31 @@ def create_dqn_runtime(
     # iteration, 16 vs 3 at 8 (benchmarks/results/decision_latency.md). `--device cuda` asks for both.
     infer_device = torch.device("cpu") if settings.device == "auto" else device
     if net is None and not is_train:
-        net, _meta, _path = load_serving_model(settings, mb)
+        net, _meta, _path = load_serving_model(settings)
     cfg = DqnConfig.from_settings(settings)
     if net is not None:
-        cfg = dataclasses.replace(cfg, hidden=net.hidden, dueling=net.dueling)
+        cfg = dataclasses.replace(cfg, hidden=net.hidden)
     # Counted locally and flushed with the gauges: a Prometheus observe per pass costs ~1 µs.
     batch_sizes = BatchedHistogram(metrics.batch_size) if metrics is not None else None
     engine = engine_cls(
-        obs_dim,
-        mb,
+        width,
         max_batch=settings.max_batch,
         device=infer_device,
         deadline_s=settings.decision_deadline_us * 1e-6,
         on_batch=batch_sizes.observe if batch_sizes is not None else None,
     )
-    learning = is_train or settings.online
     core = replay = None
     background: BackgroundLearner | ProcessLearner | None = None
     epsilon: Callable[[int], float] | None = None
     if learning:
-        core = Learner(obs_dim, mb, cfg, device=device)
+        core = Learner(cfg, device=device)
         if learner_state is not None:
             core.load_state_dict(learner_state)
         elif net is not None:
             core.online.load_state_dict(net.state_dict())
             core.target.load_state_dict(net.state_dict())
-        replay = ReplayBuffer(settings.buffer_size, obs_dim, mb, seed=settings.seed)
-        serving_net = QNetwork(obs_dim, mb, cfg.hidden, cfg.dueling)
+        replay = ReplayBuffer(settings.buffer_size, obs_dim, width, seed=settings.seed)
+        serving_net = QNetwork(cfg.hidden)
         serving_net.load_state_dict({k: v.detach().cpu() for k, v in core.online.state_dict().items()})
         engine.load_network(serving_net)
         common: dict[str, Any] = {
@@ -643,17 +724,27 @@ def create_dqn_runtime(
             epsilon = lambda step: end  # noqa: E731
     else:
         engine.load_network(net)
+    guardrail = (
+        Guardrail(
+            control_share=settings.control_share,
+            seed=settings.seed,
+            on_switch=metrics.guardrail_switched if metrics is not None else None,
+        )
+        if settings.control_share > 0.0
+        else None
+    )
     policy = DqnPolicy(
         engine,
         metrics=metrics,
-        max_backends=mb,
+        width=width,
         learner=background,
         table=DecisionTable() if background is not None else None,
         epsilon=epsilon,
-        latency_scale_s=settings.latency_scale_s,
         error_penalty=settings.error_penalty,
         seed=settings.seed,
         tracker=tracker,
+        bootstrap=settings.gamma > 0.0,
+        guardrail=guardrail,
     )
     return DqnRuntime(
         policy=policy,
@@ -662,6 +753,6 @@ def create_dqn_runtime(
         metrics=metrics,
         core=core,
         replay=replay,
-        arch={"obs_dim": obs_dim, "n_actions": mb, "hidden": cfg.hidden, "dueling": cfg.dueling},
+        arch={"hidden": cfg.hidden, "width": width},
         batch_sizes=batch_sizes,
     )

@@ -2,9 +2,10 @@
 
 Weinrib & Shenker, "Greed is not enough: adaptive load sharing in large heterogeneous systems"
 (INFOCOM 1988); the LVS `sed` scheduler (net/netfilter/ipvs/ip_vs_sed.c) uses the same rule with
-configured weights: send to argmin (active + 1) / weight. Here the weight is the live estimate
-`view.estimated_rate(i)` = capacity / smoothed service time, so a backend that slows down loses
-traffic without reconfiguration. It is the same rule, with the same tie tolerance, as the accuracy
+configured weights: send to argmin (active + 1) / weight. Here the weight is the live estimate for the
+request's class, `view.class_rate[c][i]` = observed concurrency / smoothed service time of the class,
+so a backend that slows down, or is slow for one kind of request only, loses that traffic without
+reconfiguration. It is the same rule, with the same tie tolerance, as the accuracy
 oracle `observe.sed_choices`, which makes this heuristic the reference the DQN is scored against.
 """
 
@@ -23,7 +24,7 @@ _HI = 1 + _TIE_REL
 
 
 class ShortestExpectedDelay:
-    """argmin over candidates of (in_flight + 1) / estimated_rate, uniform random tie-break."""
+    """argmin over candidates of (in_flight + 1) / class_rate, uniform random tie-break."""
 
     name = "sed"
 
@@ -36,7 +37,7 @@ class ShortestExpectedDelay:
         if not cands:
             raise NoBackendAvailable("no backend is available")
         in_flight = view.in_flight
-        rates = view.rate
+        rates = view.class_rate[req_class]
         best = -1
         lo_bound = math.inf  # d must be below this to become the new best: best_d * (1 - tol)
         hi_bound = math.inf  # ... and at most this to tie with it: best_d * (1 + tol)

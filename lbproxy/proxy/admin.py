@@ -53,6 +53,7 @@ async def list_backends(request: web.Request) -> web.Response:
     return _json(
         {
             "policy": server.policy_name,
+            "policy_state": describe() if (describe := getattr(server.policy, "describe", None)) else None,
             "panic": pool.panic,
             "candidates": [pool.backends[i].name for i in server.view.candidates],
             "backends": pool.describe(now),

@@ -137,7 +137,7 @@ class ProxyServer:
     async def _start_proxy(self) -> None:
         s = self.settings
         assert self.session is not None
-        self.quality = QualityWindow(self.view, self.metrics, s.latency_scale_s, s.error_penalty)
+        self.quality = QualityWindow(self.view, self.metrics, s.error_penalty)
         self.fast = UpstreamClient(s.connect_timeout_s, s.read_timeout_s, s.total_timeout_s)
         for b in self.pool.backends:
             self.fast.set_backend(b.index, b.host, b.port)

@@ -194,10 +194,18 @@ class Forwarder:
         return min(others, key=lambda i: view.in_flight[i] / max(view.capacity[i], 1e-9))
 
     def _complete(
-        self, idx: int, did: int, cls: int, t_start: float, code: int, failed: bool, service_time_s: float | None
+        self,
+        idx: int,
+        did: int,
+        cls: int,
+        t_start: float,
+        code: int,
+        failed: bool,
+        service_time_s: float | None,
+        queued: int,
     ) -> None:
         now = self.loop.time()
-        out = Outcome(idx, cls, now - t_start, failed, did, service_time_s)
+        out = Outcome(idx, cls, now - t_start, failed, did, service_time_s, queued)
         self.pool.on_complete(out, now, failed)
         self.quality.record_outcome(out)
         self.policy.observe(out, self.view, now)
@@ -258,7 +266,8 @@ class Forwarder:
         attempt = 0
         fresh = False
         while True:
-            self.quality.record_decision(idx)
+            self.quality.record_decision(idx, cls)
+            queued = self.view.in_flight[idx]  # ahead of it at the backend (Outcome.queued_behind)
             self.pool.on_dispatch(idx)
             t_start = self.loop.time()
             try:
@@ -274,7 +283,7 @@ class Forwarder:
             except Exception as exc:  # every failure must complete the dispatch (in-flight accounting)
                 kind, status, retryable = _classify(exc)
                 self._error(idx, kind)
-                self._complete(idx, did, cls, t_start, status, True, None)
+                self._complete(idx, did, cls, t_start, status, True, None, queued)
                 if retry_ok and retryable and attempt == 0:
                     other = self._choose_other(idx, cls, self.loop.time())
                     if other is None and kind == "disconnect":
@@ -290,7 +299,7 @@ class Forwarder:
                         continue
                 return _text(status)
             break
-        return await self._relay(request, resp, method, idx, did, cls, t_start)
+        return await self._relay(request, resp, method, idx, did, cls, t_start, queued)
 
     async def _relay(
         self,
@@ -301,6 +310,7 @@ class Forwarder:
         did: int,
         cls: int,
         t_start: float,
+        queued: int,
     ) -> web.StreamResponse:
         status = resp.status
         st_raw = resp.headers.get(SERVICE_TIME_HEADER)
@@ -348,17 +358,17 @@ class Forwarder:
             if reading:
                 kind, code, _ = _classify(exc)
                 self._error(idx, kind)
-                self._complete(idx, did, cls, t_start, code, True, service_time_s)
+                self._complete(idx, did, cls, t_start, code, True, service_time_s, queued)
                 if out is None or not out.prepared:
                     return _text(code)
                 # Mid-body: the status line is gone; closing the connection is the only honest signal.
             else:
                 # The client went away: not the backend's fault (nginx logs these as 499).
                 self._error(idx, "client_abort")
-                self._complete(idx, did, cls, t_start, 499, upstream_failed, service_time_s)
+                self._complete(idx, did, cls, t_start, 499, upstream_failed, service_time_s, queued)
             if request.transport is not None:
                 request.transport.close()
             return out if out is not None else web.Response(status=499)
         resp.release()
-        self._complete(idx, did, cls, t_start, status, upstream_failed, service_time_s)
+        self._complete(idx, did, cls, t_start, status, upstream_failed, service_time_s, queued)
         return out

@@ -15,23 +15,22 @@ QUALITY_WINDOW_S = 1.0
 
 
 class QualityWindow:
-    def __init__(self, view: ClusterView, metrics: Metrics, latency_scale_s: float, error_penalty: float) -> None:
+    def __init__(self, view: ClusterView, metrics: Metrics, error_penalty: float) -> None:
         self.view = view
         self.metrics = metrics
-        self.latency_scale_s = latency_scale_s
         self.error_penalty = error_penalty
         self.window = self._new()
 
     def _new(self) -> WindowStats:
-        return WindowStats(n=self.view.n, latency_scale_s=self.latency_scale_s, error_penalty=self.error_penalty)
+        return WindowStats(n=self.view.n, error_penalty=self.error_penalty)
 
-    def record_decision(self, action: int) -> None:
+    def record_decision(self, action: int, req_class: int) -> None:
         """Call BEFORE `view.on_dispatch`: accuracy compares with the oracle on the state the policy saw."""
         v = self.view
-        self.window.record_decision(action, is_accurate(action, v.in_flight, v.rate, v.candidates))
+        self.window.record_decision(action, is_accurate(action, v.in_flight, v.class_rate[req_class], v.candidates))
 
     def record_outcome(self, out: Outcome) -> None:
-        self.window.record_outcome(out)
+        self.window.record_outcome(out, self.view.typical_all_s)
 
     def publish(self) -> None:
         """Set the gauges from the closing window and open the next one."""

@@ -8,11 +8,11 @@ from 0 over the simulator's lifetime). `observe` joins the outcome with that rec
 reward with `observe.reward`, pushes the transition and runs learner updates at
 `cfg.updates_per_decision`.
 
-Decision forward: a NumPy MLP over *views* of the learner's CPU parameters (ANCHORS.md: NumPy
-batch-1 ~8 us vs torch ~25 us; benchmarks/learner_step.py measures it here). On CPU the views share
-memory with the torch parameters, which Adam and `load_state_dict` update in place, so the agent
-always acts with the latest weights and never copies. On CUDA the agent keeps a host copy and
-refreshes it after every update (one ~100 KB device-to-host copy per update).
+Decision forward: the NumPy arithmetic of rl/network.py over *views* of the learner's CPU parameters
+(`NumpyWeights.views`): they share memory with the torch parameters, which Adam and `load_state_dict`
+update in place, so the agent always acts with the latest weights and never copies. On CUDA the agent
+keeps a host copy and refreshes it after every update. Only the rows of the view's slots are scored
+(padding rows are all zero and never chosen).
 """
 
 from __future__ import annotations
@@ -23,80 +23,83 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import nn
 
-from lbproxy.observe import MAX_BACKENDS, ClusterView, Outcome, action_mask, encode_state, feature_dim, reward
+from lbproxy.observe import (
+    LEARNING_WIDTH_MIN,
+    ROW_FEATURES,
+    ClusterView,
+    Outcome,
+    action_mask,
+    encode_state,
+    feature_dim,
+    reward,
+    state_width,
+)
 from lbproxy.policies.base import NoBackendAvailable
 from lbproxy.rl.learner import DqnConfig, Learner
-from lbproxy.rl.network import NumpyWeights, QNetwork, numpy_q
+from lbproxy.rl.network import NumpyWeights, RowScorer
 from lbproxy.rl.replay import ReplayBuffer, rng_state_from_primitives, rng_state_to_primitives
 from lbproxy.rl.schedule import EpsilonSchedule
 
-__all__ = ["DqnAgent", "EpsilonSchedule", "NumpyQ"]
+__all__ = ["DqnAgent", "EpsilonSchedule", "GreedyDqn", "greedy_action"]
 
 
-class NumpyQ:
-    """Batch-1 (or batch-N) forward of a QNetwork in NumPy float32.
+def greedy_action(weights: NumpyWeights, state: np.ndarray, view: ClusterView) -> int:
+    """The candidate with the highest score in `state` (the view's own encoding). The one greedy
+    choice of the simulator side: the training agent and evaluation both call it."""
+    n = view.n
+    rows = state[: n * ROW_FEATURES].reshape(n, ROW_FEATURES)
+    ctx = state[state_width(state.shape[0]) * ROW_FEATURES :]
+    scores = RowScorer(weights, rows, ctx).scores(rows).tolist()
+    cands = view.candidates
+    best = cands[0]
+    best_q = scores[best]
+    for i in cands:  # masked argmax over the (few) candidates; cheaper than building a mask
+        if scores[i] > best_q:
+            best, best_q = i, scores[i]
+    return best
 
-    `share=True` (CPU networks only) keeps views of the parameters instead of copies: zero cost to
-    stay current, but the network must not be moved to another device afterwards, and nothing may
-    update it from another thread while a forward runs (the live proxy's learner thread publishes
-    copies instead: rl/batcher.py).
-    """
 
-    def __init__(self, net: QNetwork, share: bool) -> None:
-        self.net = net
-        self.share = share
-        self.refresh()
+class GreedyDqn:
+    """A trained network as a simulator Policy: greedy, nothing learned (evaluation)."""
 
-    def refresh(self) -> None:
-        def arr(t: torch.Tensor) -> np.ndarray:
-            if self.share:
-                return t.detach().numpy()
-            return t.detach().to("cpu", torch.float32).numpy().copy()
+    name = "dqn"
 
-        n = self.net
-        lin1, lin2 = cast(nn.Linear, n.body[0]), cast(nn.Linear, n.body[2])
-        # `x @ W.T` with W (out, in): the transposed view costs nothing and BLAS handles the stride.
-        self.weights = NumpyWeights(
-            w1=arr(lin1.weight).T,
-            b1=arr(lin1.bias),
-            w2=arr(lin2.weight).T,
-            b2=arr(lin2.bias),
-            w3=arr(n.head.weight).T,
-            b3=arr(n.head.bias),
-            wv=arr(n.value.weight).T if n.value is not None else None,
-            bv=arr(n.value.bias) if n.value is not None else None,
-        )
+    def __init__(self, weights: NumpyWeights, width: int = LEARNING_WIDTH_MIN) -> None:
+        self.weights = weights
+        self.width = width
+        self._state = np.zeros(feature_dim(width), dtype=np.float32)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return numpy_q(self.weights, x)
+    def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
+        if not view.candidates:
+            raise NoBackendAvailable("no backend is available")
+        return greedy_action(self.weights, encode_state(view, req_class, now_s, self.width, out=self._state), view)
+
+    def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
+        """Greedy evaluation learns nothing."""
 
 
 class DqnAgent:
-    """Epsilon-greedy DQN policy that learns from its own outcomes (train=True) or acts greedily."""
+    """Epsilon-greedy DQN policy that learns from its own outcomes (simulator training)."""
 
     name = "dqn"
 
     def __init__(
         self,
         learner: Learner,
-        replay: ReplayBuffer | None,
+        replay: ReplayBuffer,
         cfg: DqnConfig,
         *,
-        train: bool,
         total_decisions: int,
         seed: int,
-        max_backends: int = MAX_BACKENDS,
+        width: int = LEARNING_WIDTH_MIN,
     ) -> None:
-        if train and replay is None:
-            raise ValueError("a training DqnAgent needs a ReplayBuffer")
         self.learner = learner
         self.replay = replay
         self.cfg = cfg
-        self.train = train
-        self.max_backends = max_backends
-        self.obs_dim = feature_dim(max_backends)
+        self.width = width
+        """Rows of every state it encodes (the replay buffer's width): at least the cluster's size."""
+        self.obs_dim = feature_dim(width)
         self.schedule = EpsilonSchedule.for_training(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, total_decisions)
         self.decisions = 0
         """choose() calls so far, i.e. the next decision id. It must equal the simulator's next
@@ -111,15 +114,19 @@ class DqnAgent:
         self._update_credit = 0.0
         self._pending: dict[int, tuple[np.ndarray, int, int]] = {}  # decision id -> (state, action, class)
         self._rng = np.random.Generator(np.random.PCG64(seed))
-        self._qfn = NumpyQ(learner.online, share=learner.device.type == "cpu")
-        self._mask = np.zeros(max_backends, dtype=bool)
-        self._state = np.zeros(self.obs_dim, dtype=np.float32)  # reused when no record is kept (greedy)
+        self._weights = self._fresh_weights()
+        self._mask = np.zeros(width, dtype=bool)
+        self._no_state = np.zeros(self.obs_dim, dtype=np.float32)
+        self._no_mask = np.zeros(width, dtype=bool)
         # A buffer smaller than learning_starts would never start learning: start when it is full.
-        self._learning_starts = max(1, min(cfg.learning_starts, replay.capacity if replay is not None else 1))
+        self._learning_starts = max(1, min(cfg.learning_starts, replay.capacity))
+
+    def _fresh_weights(self) -> NumpyWeights:
+        return NumpyWeights.from_state_dict(self.learner.online.state_dict())
 
     @property
     def epsilon(self) -> float:
-        return self.schedule.value(self.eps_step) if self.train else 0.0
+        return self.schedule.value(self.eps_step)
 
     # --- Policy protocol -------------------------------------------------------------------------
     def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
@@ -128,51 +135,41 @@ class DqnAgent:
             raise NoBackendAvailable("no backend is available")
         did = self.decisions
         self.decisions = did + 1
-        if self.train:
-            state = encode_state(view, req_class, self.max_backends)  # fresh: kept in the pending record
-            eps = self.schedule.value(self.eps_step)
-            self.eps_step += 1
-            if self._rng.random() < eps:
-                action = cands[int(self._rng.integers(len(cands)))]
-            else:
-                action = self._greedy(state, view)
-            self._pending[did] = (state, action, int(req_class))
-            return action
-        return self._greedy(encode_state(view, req_class, self.max_backends, out=self._state), view)
-
-    def _greedy(self, state: np.ndarray, view: ClusterView) -> int:
-        q = self._qfn(state)
-        cands = view.candidates
-        best = cands[0]
-        best_q = q[best]
-        for i in cands:  # masked argmax over the (few) candidates; cheaper than building a mask
-            if q[i] > best_q:
-                best, best_q = i, q[i]
-        return best
+        state = encode_state(view, req_class, now_s, self.width)  # fresh: kept in the pending record
+        eps = self.schedule.value(self.eps_step)
+        self.eps_step += 1
+        if self._rng.random() < eps:
+            action = cands[int(self._rng.integers(len(cands)))]
+        else:
+            action = greedy_action(self._weights, state, view)
+        self._pending[did] = (state, action, int(req_class))
+        return action
 
     def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
-        if not self.train:
-            return
         rec = self._pending.pop(outcome.decision_id, None)
         if rec is None:
             self.dropped += 1
             return
         state, action, req_class = rec
-        r = reward(outcome.latency_s, outcome.error, self.cfg.latency_scale_s, self.cfg.error_penalty)
-        next_state = encode_state(view, req_class, self.max_backends)
-        next_mask = action_mask(view, self.max_backends, out=self._mask)
-        assert self.replay is not None
+        r = reward(outcome.latency_s, outcome.error, view.typical_all_s, self.cfg.error_penalty)
+        if self.cfg.gamma > 0.0:
+            next_state = encode_state(view, req_class, now_s, self.width)
+            next_mask = action_mask(view, self.width, out=self._mask)
+        else:  # no bootstrap: s' is never read (an empty mask also tells the learner so)
+            next_state, next_mask = self._no_state, self._no_mask
         self.replay.add(state, action, r, next_state, next_mask, False)
         self.transitions += 1
         if len(self.replay) < self._learning_starts:
             return
         self._update_credit += self.cfg.updates_per_decision
+        updated = False
         while self._update_credit >= 1.0:
             self._update_credit -= 1.0
             batch = self.replay.sample(self.cfg.batch_size, self.learner.device)
             self.last_loss = self.learner.update(batch)
-            if not self._qfn.share:
-                self._qfn.refresh()
+            updated = True
+        if updated:  # a fresh NumPy copy (~10k parameters) after the updates of this completion
+            self._weights = self._fresh_weights()
 
     # --- persistence -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -227,4 +224,4 @@ class DqnAgent:
         random.setstate((int(py_version), tuple(int(v) for v in py_internal.tolist()), py_gauss))
         name, keys, pos, has_gauss, cached = state["numpy_rng"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-        self._qfn.refresh()
+        self._weights = self._fresh_weights()

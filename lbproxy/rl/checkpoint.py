@@ -22,9 +22,12 @@ from typing import Any
 
 import torch
 
-from lbproxy.rl.network import QNetwork
+from lbproxy.observe import ROW_FEATURES
+from lbproxy.rl.network import ARCH_NAME, QNetwork
 
-MODEL_FORMAT = "lbproxy-dqn/1"
+MODEL_FORMAT = "lbproxy-dqn/2"
+"""/2: the permutation-equivariant network of rl/network.py (any backend count). /1 was the flat,
+slot-indexed MLP of 2026-11; its files are refused with a one-line hint to retrain."""
 
 
 class CheckpointError(Exception):
@@ -129,15 +132,19 @@ def _find_weights(path: Path, payload: dict[str, Any]) -> Mapping[str, torch.Ten
     )
 
 
-def arch_from_state_dict(path: Path, sd: Mapping[str, torch.Tensor]) -> dict[str, int | bool]:
+def arch_from_state_dict(path: Path, sd: Mapping[str, torch.Tensor]) -> dict[str, int | str]:
     """Infer QNetwork's shape from its weights, so old or foreign payloads are checked on shape."""
+    if "body.0.weight" in sd:
+        raise CheckpointError(
+            f"{path}: a slot-indexed model of the old format (lbproxy-dqn/1), which does not generalise to "
+            "other clusters; train a new one with `lbproxy --mode train --env sim --scenario generated`"
+        )
     try:
-        w1, head = sd["body.0.weight"], sd["head.weight"]
         return {
-            "obs_dim": int(w1.shape[1]),
-            "n_actions": int(head.shape[0]),
-            "hidden": int(w1.shape[0]),
-            "dueling": "value.weight" in sd,
+            "name": ARCH_NAME,
+            "hidden": int(sd["row_x.weight"].shape[0]),
+            "summary": int(sd["static.weight"].shape[0]),
+            "row_features": int(sd["row_x.weight"].shape[1]),
         }
     except (KeyError, AttributeError, IndexError):
         raise CheckpointError(
@@ -145,14 +152,9 @@ def arch_from_state_dict(path: Path, sd: Mapping[str, torch.Tensor]) -> dict[str
         ) from None
 
 
-def load_model(
-    path: Path,
-    device: str | torch.device = "cpu",
-    expect_n_actions: int | None = None,
-    expect_obs_dim: int | None = None,
-) -> tuple[QNetwork, dict[str, Any]]:
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[QNetwork, dict[str, Any]]:
     """(network in eval mode on `device`, meta). Accepts a model file or a full training checkpoint
-    (its online network). A shape other than expected -> CheckpointError naming both shapes."""
+    (its online network). Weights of another shape -> CheckpointError naming the problem."""
     path = Path(path)
     payload = load_checkpoint(path)
     fmt = payload.get("format")
@@ -160,14 +162,12 @@ def load_model(
         raise CheckpointError(f"{path}: model format {fmt!r} is not {MODEL_FORMAT!r}; retrain or convert the model")
     sd = _find_weights(path, payload)
     arch = arch_from_state_dict(path, sd)
-    want_n = expect_n_actions if expect_n_actions is not None else arch["n_actions"]
-    want_d = expect_obs_dim if expect_obs_dim is not None else arch["obs_dim"]
-    if (arch["n_actions"], arch["obs_dim"]) != (want_n, want_d):
+    if arch["row_features"] != ROW_FEATURES:
         raise CheckpointError(
-            f"{path}: model has n_actions={arch['n_actions']} obs_dim={arch['obs_dim']} but n_actions={want_n} "
-            f"obs_dim={want_d} is needed; use a model trained for this MAX_BACKENDS (or retrain)"
+            f"{path}: model reads {arch['row_features']} features per backend, this lbproxy encodes {ROW_FEATURES}; "
+            "retrain the model with this version"
         )
-    net = QNetwork(int(arch["obs_dim"]), int(arch["n_actions"]), int(arch["hidden"]), bool(arch["dueling"]))
+    net = QNetwork(int(arch["hidden"]), int(arch["summary"]))
     try:
         net.load_state_dict(sd)
     except RuntimeError as exc:

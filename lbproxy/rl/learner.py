@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from lbproxy.observe import ERROR_PENALTY, LATENCY_SCALE_S
+from lbproxy.observe import ERROR_PENALTY
 from lbproxy.rl.network import QNetwork, masked_argmax
 from lbproxy.rl.replay import ReplaySamples
 
@@ -41,10 +41,8 @@ class DqnConfig:
     """Gradient steps per routed decision (CleanRL's train_frequency=4 is 0.25)."""
     target_update_every: int = 500
     """Updates between hard target-network syncs."""
-    hidden: int = 128
-    """Hidden width of the Q-network."""
-    dueling: bool = False
-    """Dueling head (Wang et al. 2016)."""
+    hidden: int = 64
+    """Hidden width of the Q-network's per-backend rows (rl/network.py)."""
     grad_clip: float = 10.0
     """Max global gradient norm (CleanRL/SB3 DQN use 10)."""
     eps_start: float = 1.0
@@ -55,10 +53,9 @@ class DqnConfig:
     """Share of the training decisions over which epsilon decays linearly (CleanRL: exploration_fraction)."""
     seed: int = 0
     """Seeds the network initialisation, replay sampling and exploration."""
-    latency_scale_s: float = LATENCY_SCALE_S
-    """Reward latency scale (observe.reward); used by the agent, not by the update."""
     error_penalty: float = ERROR_PENALTY
-    """Reward penalty for an error or timeout (observe.reward)."""
+    """Reward penalty for an error or timeout, in typical latencies (observe.reward); used by the
+    agent, not by the update."""
 
     @classmethod
     def from_settings(cls, s: Settings) -> DqnConfig:
@@ -77,14 +74,14 @@ class Learner:
     """Online/target networks and their optimizer. Not thread-safe: one caller at a time (the live
     BackgroundLearner serialises `update` and `state_dict` with its own lock)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, cfg: DqnConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, cfg: DqnConfig, device: str | torch.device = "cpu") -> None:
         self.cfg = cfg
         self.device = resolve_device(device)
         # Seeded init without disturbing the caller's global torch RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.online = QNetwork(obs_dim, n_actions, cfg.hidden, cfg.dueling).to(self.device)
-            self.target = QNetwork(obs_dim, n_actions, cfg.hidden, cfg.dueling).to(self.device)
+            self.online = QNetwork(cfg.hidden).to(self.device)
+            self.target = QNetwork(cfg.hidden).to(self.device)
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.lr)
@@ -100,8 +97,9 @@ class Learner:
         return batch.rewards + self.cfg.gamma * bootstrap * next_q
 
     def update(self, batch: ReplaySamples) -> float:
-        """One gradient step on `batch`; returns the Huber TD loss (before the step)."""
-        td_target = self.td_target(batch)
+        """One gradient step on `batch`; returns the Huber TD loss (before the step). With gamma = 0
+        (a contextual bandit) the target is the reward itself and s' is never evaluated: half the work."""
+        td_target = self.td_target(batch) if self.cfg.gamma > 0.0 else batch.rewards
         q = self.online(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
         loss = F.smooth_l1_loss(q, td_target)
 
@@ -133,7 +131,7 @@ class Learner:
         if arch is not None and dict(arch) != self.online.arch():
             raise ValueError(
                 f"learner state is for network {dict(arch)}, this learner has {self.online.arch()}; "
-                "use the same --hidden/--dueling and backend count"
+                "use the same --hidden"
             )
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])

@@ -67,6 +67,8 @@ class DecisionRecord:
     mask: np.ndarray
     req_class: int
     t_s: float
+    by_fallback: bool = False
+    """Routed by the guardrail's control arm (the fallback heuristic), not by the DQN."""
 
 
 class DecisionTable:
@@ -355,7 +357,7 @@ def _process_main(
     replay = ReplayBuffer(boot["capacity"], boot["obs_dim"], boot["n_actions"], seed=boot["seed"] + 1)
     for f in _REPLAY_FIELDS:
         setattr(replay, f, shm.arrays[f])
-    learner = Learner(boot["obs_dim"], boot["n_actions"], DqnConfig(**boot["cfg"]), device=boot["device"])
+    learner = Learner(DqnConfig(**boot["cfg"]), device=boot["device"])
     learner.load_state_dict(boot["learner"])
     ratio, starts, bs, every = boot["ratio"], boot["learning_starts"], boot["batch_size"], boot["weight_sync_every"]
     consumed = forgiven = 0

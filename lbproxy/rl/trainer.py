@@ -25,9 +25,6 @@ of it and exits 130 with the command that resumes; a second one aborts at once.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import random
 import re
@@ -47,8 +44,6 @@ import torch
 from lbproxy.config import ConfigError, Settings
 from lbproxy.observe import (
     ERROR_PENALTY,
-    LATENCY_SCALE_S,
-    MAX_BACKENDS,
     ClusterView,
     Outcome,
     WindowStats,
@@ -57,6 +52,7 @@ from lbproxy.observe import (
     is_accurate,
 )
 from lbproxy.phases import phase_index_for_episode
+from lbproxy.sim.suite import TrainingSet, train_sim_seed
 from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter
 
 TRAIN_FORMAT = "lbproxy-train/1"
@@ -65,10 +61,6 @@ WARMUP_DECISIONS = 128
 """Decisions the SED oracle routes before each episode (not recorded, not learned from): enough for
 every backend of a 16-slot cluster to complete a few requests, so the latency features are warm and
 the queues are at their working level when the policy takes over."""
-
-TRAIN_SEED_STRIDE = 2**32
-"""Training simulator seed = seed * 2**32 + episode; evaluation uses 1_000_000 + seed + k (evaluate.py).
-The two sets are disjoint for seeds below 2**32 - 1e6 and fewer than 1e6 episodes per seed."""
 
 PROGRESS_MIN_INTERVAL_S = 5.0
 """At most one progress line per this many wall seconds (plus the first and the last)."""
@@ -92,33 +84,19 @@ FINGERPRINT_FIELDS = (
     "eps_end",
     "eps_fraction",
     "hidden",
-    "dueling",
     "grad_clip",
-    "latency_scale_s",
     "error_penalty",
 )
 
 _CKPT_RE = re.compile(r"dqn_episode_(\d+)\.pth$")
 
 
-def train_sim_seed(seed: int, episode: int) -> int:
-    """The simulator seed of training episode `episode` (0-based) of a run seeded `seed`."""
-    return seed * TRAIN_SEED_STRIDE + episode
-
-
-def scenario_digest(scenario: Any) -> str:
-    """Hash of what a scenario simulates (every field of the frozen dataclasses), without the file it
-    came from or its summary, so a checkout that moved or a reworded summary still resumes."""
-    fields = {k: v for k, v in dataclasses.asdict(scenario).items() if k not in ("source", "summary")}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def fingerprint(settings: Settings, scenario: Any, episodes: int) -> dict[str, Any]:
+def fingerprint(settings: Settings, train_set: TrainingSet, episodes: int) -> dict[str, Any]:
     fp: dict[str, Any] = {name: getattr(settings, name) for name in FINGERPRINT_FIELDS}
     fp["episodes"] = episodes
-    fp["scenario"] = scenario.name
-    fp["scenario_digest"] = scenario_digest(scenario)
-    fp["max_backends"] = MAX_BACKENDS
+    fp["scenario"] = train_set.name
+    fp["scenario_digest"] = train_set.digest
+    fp["width"] = train_set.width
     return fp
 
 
@@ -158,7 +136,7 @@ class WarmupThen:
     def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
         if outcome.decision_id < self._warmup:
             return
-        self.stats.record_outcome(outcome)
+        self.stats.record_outcome(outcome, view.typical_all_s)
         out = Outcome(
             outcome.backend,
             outcome.req_class,
@@ -178,15 +156,14 @@ def run_episode(
     decisions: int,
     *,
     first_id: int = 0,
-    latency_scale_s: float = LATENCY_SCALE_S,
     error_penalty: float = ERROR_PENALTY,
 ) -> tuple[WindowSummary, WindowStats]:
     """One episode on a fresh Simulator(scenario, sim_seed): SED-oracle warm-up, then `decisions`
     routed by `make_policy(sim)`. Returns the episode's summary and its raw window (for pooling)."""
     from lbproxy.sim import Simulator
 
-    sim = Simulator(scenario, sim_seed, phase=phase, latency_scale_s=latency_scale_s, error_penalty=error_penalty)
-    stats = WindowStats(n=sim.n, latency_scale_s=latency_scale_s, error_penalty=error_penalty)
+    sim = Simulator(scenario, sim_seed, phase=phase, error_penalty=error_penalty)
+    stats = WindowStats(n=sim.n, error_penalty=error_penalty)
     sim.run(
         WarmupThen(sim, make_policy(sim), WARMUP_DECISIONS, first_id, stats), WARMUP_DECISIONS + decisions, record=False
     )
@@ -297,11 +274,12 @@ def _format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _resolve_scenario(settings: Settings) -> Any:
-    from lbproxy.sim import ScenarioError, load_scenario
+def _resolve_training_set(settings: Settings) -> TrainingSet:
+    from lbproxy.sim import ScenarioError
+    from lbproxy.sim.suite import training_set
 
     try:
-        return load_scenario(settings.scenario)
+        return training_set(settings.scenario, settings.seed)
     except ScenarioError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -316,30 +294,28 @@ def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
 
     if settings.seed < 0:
         raise ConfigError(f"invalid setting --seed: must be >= 0 for simulator training, got {settings.seed}")
-    scenario = _resolve_scenario(settings)
+    train_set = _resolve_training_set(settings)
     episodes = settings.resolved_episodes()
     run_dir = settings.run_dir
-    fp = fingerprint(settings, scenario, episodes)
+    fp = fingerprint(settings, train_set, episodes)
     device = resolve_device(settings.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # one core: the MLP is small and the default run is sized for one core
 
-    n_actions = MAX_BACKENDS
-    obs_dim = feature_dim(n_actions)
+    width = train_set.width
     cfg = DqnConfig.from_settings(settings)
     random.seed(settings.seed)
     np.random.seed(settings.seed % 2**32)
     torch.manual_seed(settings.seed)
-    learner = Learner(obs_dim, n_actions, cfg, device=device)
-    replay = ReplayBuffer(cfg.buffer_size, obs_dim, n_actions, seed=settings.seed)
+    learner = Learner(cfg, device=device)
+    replay = ReplayBuffer(cfg.buffer_size, feature_dim(width), width, seed=settings.seed)
     agent = DqnAgent(
         learner,
         replay,
         cfg,
-        train=True,
         total_decisions=episodes * settings.episode_decisions,
         seed=settings.seed,
-        max_backends=n_actions,
+        width=width,
     )
 
     start_episode = 0
@@ -413,22 +389,20 @@ def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
     last_print = -math.inf
     print(
         f"lbproxy: training {episodes} episodes x {settings.episode_decisions} decisions on scenario "
-        f"{scenario.name!r}, device {device}, run dir {run_dir}",
+        f"{train_set.name!r}, device {device}, run dir {run_dir}",
         file=sys.stderr,
     )
     try:
         with _sigint_latch() as latch:
             for ep in range(start_episode, episodes):
-                phase = phase_index_for_episode(ep, episodes)
-                phase = min(phase, len(scenario.phases) - 1)
+                phase = min(phase_index_for_episode(ep, episodes), train_set.phase_count - 1)
                 s, _stats = run_episode(
                     lambda _sim: agent,
-                    scenario,
+                    train_set.scenario(ep),
                     train_sim_seed(settings.seed, ep),
                     phase,
                     settings.episode_decisions,
                     first_id=int(agent.decisions),
-                    latency_scale_s=settings.latency_scale_s,
                     error_penalty=settings.error_penalty,
                 )
                 window.add(

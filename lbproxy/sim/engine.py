@@ -57,7 +57,7 @@ import numpy as np
 
 from lbproxy.observe import (
     ERROR_PENALTY,
-    LATENCY_SCALE_S,
+    NUM_CLASSES,
     ClusterView,
     Outcome,
     WindowStats,
@@ -124,12 +124,10 @@ class Simulator:
         phase: int = 0,
         *,
         start_s: float | None = None,
-        latency_scale_s: float = LATENCY_SCALE_S,
         error_penalty: float = ERROR_PENALTY,
     ) -> None:
         self.scenario = scenario
         self.seed = seed
-        self.latency_scale_s = latency_scale_s
         self.error_penalty = error_penalty
         cluster = scenario.cluster
         servers = cluster.servers
@@ -137,7 +135,7 @@ class Simulator:
         self.n = n
         self.view = ClusterView.create(n, [s.workers * s.speed for s in servers])
         # Base mean service time per [class][server] at slowdown 1; `_mean` is the current one.
-        self._base_mean = [[s.mean_service_s(cluster.service, c) for s in servers] for c in range(3)]
+        self._base_mean = [[s.mean_service_s(cluster.service, c) for s in servers] for c in range(NUM_CLASSES)]
         self._mean = [row[:] for row in self._base_mean]
         self._slowdown = [1.0] * n
         self._err_rate = [s.error_rate for s in servers]
@@ -150,9 +148,10 @@ class Simulator:
         # 0 disables outlier ejection: no count ever reaches an infinite threshold.
         self._eject_after = scenario.eject_consecutive_failures or _INF
         self._workers = [[0.0] * s.workers for s in servers]
-        self._pending: list[tuple[float, int, int, int, float, bool, float]] = []
+        self._pending: list[tuple[float, int, int, int, float, bool, float, int]] = []
+        """(finish, decision id, server, class, latency, error, service time, queued behind)"""
         self._next_decision_id = 0
-        self._rates: list[list[float]] = [[0.0] * n for _ in range(3)]
+        self._rates: list[list[float]] = [[0.0] * n for _ in range(NUM_CLASSES)]
         self._refresh_rates()
         # Faults: a heap of (time, seq, kind, fault index or server, epoch); repeats re-push themselves.
         self._control: list[tuple[float, int, int, int, int]] = []
@@ -183,7 +182,7 @@ class Simulator:
         return self._rates
 
     def _refresh_rates(self) -> None:
-        for c in range(3):
+        for c in range(NUM_CLASSES):
             row = self._rates[c]
             for i, s in enumerate(self.scenario.cluster.servers):
                 row[i] = 0.0 if self._down[i] else s.workers / self._mean[c][i]
@@ -275,12 +274,12 @@ class Simulator:
             self._detected[i] = False
             self._update_available(i)
             self._slowdown[i] = 1.0
-            for c in range(3):
+            for c in range(NUM_CLASSES):
                 self._mean[c][i] = self._base_mean[c][i]
             self._err_rate[i] = self.scenario.cluster.servers[i].error_rate
         if f.slowdown is not None:
             self._slowdown[i] = f.slowdown
-            for c in range(3):
+            for c in range(NUM_CLASSES):
                 self._mean[c][i] = self._base_mean[c][i] * f.slowdown
         if f.error_rate is not None:
             self._err_rate[i] = f.error_rate
@@ -329,6 +328,7 @@ class Simulator:
         in_flight = view.in_flight
         consecutive = self._consecutive_errors
         eject_after = self._eject_after
+        reports = self.scenario.reports_service_time
         next_ctrl = control[0][0] if control else _INF
         latencies: list[float] = []
         lat_append = latencies.append
@@ -351,8 +351,8 @@ class Simulator:
                         self._apply_control()
                         next_ctrl = control[0][0] if control else _INF
                     elif nc <= t:
-                        fin, d, b, c, lat, er, st = heappop(pending)
-                        out = Outcome(b, c, lat, er, d, st)
+                        fin, d, b, c, lat, er, st, qb = heappop(pending)
+                        out = Outcome(b, c, lat, er, d, st if reports else None, qb)
                         on_complete(out, fin)
                         observe(out, view, fin)
                         lat_append(lat)
@@ -382,11 +382,12 @@ class Simulator:
                     r = rate_c[i]
                     if best == _INF or (r > 0.0 and (in_flight[i] + 1) / r <= best * (1 + 1e-9)):
                         accurate += 1
+                qb = in_flight[i]
                 on_dispatch(i)
                 load[i] += 1
                 if down[i]:
                     fin = t + CONNECT_FAIL_S
-                    heappush(pending, (fin, did, i, c, CONNECT_FAIL_S, True, 0.0))
+                    heappush(pending, (fin, did, i, c, CONNECT_FAIL_S, True, 0.0, qb))
                 else:
                     st = units[k] * mean[c][i]
                     h = workers[i]
@@ -397,18 +398,18 @@ class Simulator:
                     ca = crash_at[i]
                     if fin > ca:  # still queued or running when the server crashes
                         heapreplace(h, ca)
-                        heappush(pending, (ca, did, i, c, ca - t, True, ca - start if ca > start else 0.0))
+                        heappush(pending, (ca, did, i, c, ca - t, True, ca - start if ca > start else 0.0, qb))
                     else:
                         heapreplace(h, fin)
-                        heappush(pending, (fin, did, i, c, fin - t, err_draws[k] < err_rate[i], st))
+                        heappush(pending, (fin, did, i, c, fin - t, err_draws[k] < err_rate[i], st, qb))
                 did += 1
         # Drain: report every completion of this run in time order (faults wait for the next arrival),
         # then put the requests still physically in service back into the view until they finish.
         t_last = self._arrivals.t_s
         ghosts = []
         while pending:
-            fin, d, b, c, lat, er, st = heappop(pending)
-            out = Outcome(b, c, lat, er, d, st)
+            fin, d, b, c, lat, er, st, qb = heappop(pending)
+            out = Outcome(b, c, lat, er, d, st if reports else None, qb)
             on_complete(out, fin)
             observe(out, view, fin)
             lat_append(lat)
@@ -440,16 +441,18 @@ class Simulator:
         t_begin: float,
         wall0: float,
     ) -> EpisodeResult:
-        stats = WindowStats(n=self.n, latency_scale_s=self.latency_scale_s, error_penalty=self.error_penalty)
+        stats = WindowStats(n=self.n, error_penalty=self.error_penalty)
         stats.decisions = n_decisions
         stats.accurate = accurate
         stats.load = load
         stats.latencies = latencies
         stats.errors = errors
         # observe.reward is linear in latency, so the sum over requests is computed in one call per
-        # term instead of once per request: sum(-l/scale) - penalty * errors.
-        stats.reward_sum = reward(math.fsum(latencies), False, self.latency_scale_s, self.error_penalty) + errors * (
-            reward(0.0, True, self.latency_scale_s, self.error_penalty)
+        # term instead of once per request: sum(-l/typical) - penalty * errors, in the unit the view
+        # holds at the end of the run (a report; learners compute each reward at its completion).
+        typical = self.view.typical_all_s
+        stats.reward_sum = reward(math.fsum(latencies), False, typical, self.error_penalty) + errors * (
+            reward(0.0, True, typical, self.error_penalty)
         )
         summary = stats.summary(capacity=self.capacity_rps(), candidates=self.view.candidates)
         if not record:

@@ -19,6 +19,8 @@ Schema (TOML; every table is optional except ``[[server]]``)::
     eject_base_s = 30.0              #   consecutive errors a server is unavailable for eject_base_s x
     max_ejection_percent = 50.0      #   times ejected, never more than this share of servers at once
                                      #   (defaults = the proxy's Settings defaults; 0 disables)
+    reports_service_time = true  # whether servers report their service time to the proxy (ours do,
+                                 #   in a header; most web servers do not: false hides it)
 
     [service]                    # as lbproxy/cluster.py: distribution, cv, light_ms, heavy_ms, static_ms
     [[server]]                   # as lbproxy/cluster.py: name, host, port, workers, speed, class_speed,
@@ -93,6 +95,7 @@ _SCENARIO_KEYS = {
     "eject_consecutive_failures",
     "eject_base_s",
     "max_ejection_percent",
+    "reports_service_time",
 }
 _PHASE_KEYS = {"name", "load", "users", "spawn_rate", "duration_s", "mix", "burstiness"}
 _FAULT_KEYS = {"at_s", "server", "slowdown", "error_rate", "crash", "recover"}
@@ -142,6 +145,8 @@ class Scenario:
     eject_consecutive_failures: int = 5
     eject_base_s: float = 30.0
     max_ejection_percent: float = 50.0
+    reports_service_time: bool = True
+    """Outcomes carry the service time (as our backends' header does); False: only the latency."""
     source: str = ""
     """Where it was loaded from (file path), for messages."""
 
@@ -320,6 +325,9 @@ def scenario_from_dict(data: dict[str, Any], where: str = "scenario", default_na
     eject_n = meta.get("eject_consecutive_failures", EJECT_CONSECUTIVE_FAILURES)
     if not isinstance(eject_n, int) or isinstance(eject_n, bool) or eject_n < 0:
         raise ScenarioError(f"{w}: eject_consecutive_failures must be an integer >= 0 (0 disables), got {eject_n!r}")
+    reports = meta.get("reports_service_time", True)
+    if not isinstance(reports, bool):
+        raise ScenarioError(f"{w}: reports_service_time must be true or false, got {reports!r}")
     return Scenario(
         name=str(meta.get("name", default_name)),
         summary=str(meta.get("summary", "")),
@@ -333,6 +341,7 @@ def scenario_from_dict(data: dict[str, Any], where: str = "scenario", default_na
         eject_consecutive_failures=eject_n,
         eject_base_s=_number(meta, "eject_base_s", EJECT_BASE_S, w, strict=True),
         max_ejection_percent=_number(meta, "max_ejection_percent", MAX_EJECTION_PERCENT, w, maximum=100.0),
+        reports_service_time=reports,
         source=where,
     )
 
