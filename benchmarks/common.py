@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 TASKSET = shutil.which("taskset")
@@ -113,3 +114,30 @@ def run_wrk(url: str, duration_s: float, connections: int = CONNECTIONS, cpu: in
         p99_ms=to_ms(p99.group(1)) if p99 else float("nan"),
         errors=errors,
     )
+
+
+def load_routing_network(hidden: int = 64) -> Any:
+    """A QNetwork (rl/network.py) with weights set by hand so that it routes like least in-flight:
+    Q_b = -log1p(in-flight of b) (the F_LOG_IN_FLIGHT column of b's row), nothing else read.
+
+    A random network tends to send everything to one backend, which changes the backends' cost, not
+    the proxy's (and on the off-loop path makes every snapshot run out after a few decisions); spreading
+    load keeps a benchmark about the proxy. The pass costs the same whatever the weights. Not F_EXPECTED
+    (the queueing model's expected latency): it is flat while in-flight is below a backend's observed
+    concurrency, so on the benchmarks' many-worker backends every backend would tie and the argmax
+    would send everything to the first. Hidden unit 0 carries the column: the column is >= 0, so the
+    ReLUs pass it through; everything else, the cluster summary and the value head included, is zero.
+    """
+    import torch
+
+    from lbproxy.observe import F_LOG_IN_FLIGHT
+    from lbproxy.rl.network import QNetwork
+
+    net = QNetwork(hidden)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.row_x.weight[0, F_LOG_IN_FLIGHT] = 1.0  # h1_0 = log1p(in-flight)
+        net.row2.weight[0, 0] = 1.0  # h2_0 = h1_0
+        net.score.weight[0, 0] = -1.0  # A_b = -log1p(in-flight); V = 0
+    return net.eval()

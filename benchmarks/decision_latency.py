@@ -1,14 +1,24 @@
-"""Decision latency by batch size: CPU NumPy vs CPU torch, and GPU eager vs CUDA graphs when CUDA exists.
+"""Decision latency: the inline NumPy pass, off-loop passes by batch size (CPU, and GPU eager vs CUDA
+graphs when CUDA exists), and a whole dqn decision as the proxy pays for it.
 
     .venv/bin/python benchmarks/decision_latency.py [--repeats 2000] [--out benchmarks/results/decision_latency.md]
 
-Times one forward pass + masked argmax (what the inference engine runs per batch) for the
-production network shape (FEATURE_DIM -> 128 -> 128 -> MAX_BACKENDS), copies in and out included
-on the GPU. Also times a whole decision of the dqn policy for N requests arriving in one loop
-iteration (uvloop), which is what a proxy request pays, next to round robin in the same harness.
-Prints p50/p99 per pass and ns/decision.
-On an H200 the same command adds the GPU rows (targets: >= 20 M decisions/s at batch 8192, p99 <=
-100 µs at batch <= 512); without CUDA it prints "skipped: no CUDA".
+The network is the production shape (rl/network.py: QNetwork with Settings' hidden width; weights set to
+route like least in-flight, common.load_routing_network, so the policy rows spread load) over states of
+the serving width (MAX_BACKENDS rows: create_dqn_runtime serves with room for every slot the pool can
+have), encoded from a 4-backend pool. Pass rows:
+- the inline pass (the default CPU path, `InferenceEngine.inline_pass`): one state's pooled summary and
+  the scores of its n rows plus the n what-if rows after one more dispatch, what the dqn policy runs
+  once per loop iteration and request class;
+- off-loop passes over a block of k states, what `submit_q` batches: the `thread` backend's NumPy pass
+  (`InferenceEngine.q_values`), the torch forward on the CPU as a reference (not an engine backend), and
+  on CUDA the device pass with host staging included, then pre-staged (one H2D copy, the graph or eager
+  forward, one D2H copy and the sync).
+Also times a whole decision of the dqn policy for N requests arriving in one loop iteration (uvloop),
+which is what a proxy request pays, next to round robin in the same harness: inline, off-loop through
+the worker thread, and on the CUDA device when there is one.
+On an H200 the same command adds the GPU rows (targets: >= 20 M states/s at batch 8192, p99 <= 100 µs
+at batch <= 512); without CUDA it prints "skipped: no CUDA".
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import asyncio
 import datetime as dt
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,72 +38,99 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import command, machine, write_result  # noqa: E402
+from common import command, load_routing_network, machine, write_result  # noqa: E402
 
-from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, ClusterView, Outcome  # noqa: E402
+from lbproxy.observe import MAX_BACKENDS, ClusterView, DispatchModel, Outcome, encode_state, feature_dim  # noqa: E402
 from lbproxy.policies import make_policy  # noqa: E402
 from lbproxy.policies.base import AsyncPolicy  # noqa: E402
-from lbproxy.policies.dqn import DqnPolicy  # noqa: E402
+from lbproxy.policies.dqn import OFF_LOOP_LEVELS, DqnPolicy  # noqa: E402
 from lbproxy.rl.batcher import InferenceEngine  # noqa: E402
-from lbproxy.rl.network import QNetwork  # noqa: E402
 
 CPU_BATCHES = (1, 2, 8, 32, 128, 512)
 GPU_BATCHES = (1, 8, 32, 128, 512, 2048, 8192)
-HIDDEN = 128  # Settings.hidden default
+HIDDEN = 64  # Settings.hidden default
+WIDTH = MAX_BACKENDS
+"""Rows of a served state (create_dqn_runtime in serve mode)."""
+BACKENDS = 4
 TRIALS = 7
 
+Samples = tuple[float, float]
 
-def inputs(k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+
+def make_view(seed: int) -> ClusterView:
+    """A 4-backend view with filled estimates and some requests in flight (distinct per seed)."""
     rng = np.random.default_rng(seed)
-    states = rng.random((k, FEATURE_DIM), dtype=np.float32)
-    masks = np.ones((k, MAX_BACKENDS), dtype=bool)
-    masks[:, 4:] = False  # a 4-backend pool
-    return states, masks
+    view = ClusterView.create(BACKENDS)
+    for k in range(200):
+        i = int(rng.integers(BACKENDS))
+        queued = int(rng.integers(3))
+        view.on_dispatch(i)
+        view.on_complete(Outcome(i, k % 3, 0.002 * (i + 1) * (1 + queued), False, queued_behind=queued), k * 1e-3)
+    for i in range(BACKENDS):
+        view.in_flight[i] = int(rng.integers(0, 12))
+    view.total_in_flight = sum(view.in_flight)
+    return view
 
 
-def time_passes(engine: InferenceEngine, k: int, repeats: int) -> tuple[float, float]:
-    """p50 and p99 of one pass (µs), after a warm-up."""
-    states, masks = inputs(k)
-    for _ in range(20):
-        engine.forward_sync(states, masks)
-    samples = []
-    clock = time.perf_counter_ns
-    for _ in range(repeats):
-        t0 = clock()
-        engine.forward_sync(states, masks)
-        samples.append((clock() - t0) / 1000.0)
+def inputs(k: int) -> np.ndarray:
+    """k flat states of WIDTH rows (16 distinct ones, tiled)."""
+    distinct = np.stack([encode_state(make_view(s), s % 3, 1.0, WIDTH) for s in range(min(k, 16))])
+    return np.ascontiguousarray(np.resize(distinct, (k, distinct.shape[1])))
+
+
+def percentiles(samples: list[float]) -> Samples:
     samples.sort()
     return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-def time_staged(engine: InferenceEngine, k: int, repeats: int) -> tuple[float, float]:
-    """p50 and p99 (µs) of the device pass alone over k rows already staged in pinned memory."""
+def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    """µs per call of `fn`, one sample per call, after a warm-up."""
+    for _ in range(20):
+        fn()
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        out.append((clock() - t0) / 1000.0)
+    return out
+
+
+def time_inline(engine: InferenceEngine, repeats: int) -> Samples:
+    """p50 and p99 (µs) of the dqn policy's inline pass over one snapshot (policies/dqn.py `_evaluate`)."""
+    state = inputs(1)[0]
+    model = DispatchModel(make_view(0), 0, state)
+    cands = np.arange(BACKENDS)
+    more = model.rows_after(cands, np.ones(BACKENDS))
+    return percentiles(time_calls(lambda: engine.inline_pass(model.rows, model.ctx, more), repeats))
+
+
+def time_cpu_passes(fn: Callable[[np.ndarray], object], k: int, repeats: int) -> Samples:
+    """p50 and p99 (µs) of one pass of `fn` over k states."""
+    states = inputs(k)
+    return percentiles(time_calls(lambda: fn(states), repeats))
+
+
+def time_device(engine: InferenceEngine, k: int, repeats: int, staged: bool) -> Samples:
+    """p50 and p99 (µs) of a device pass over k states, timed on the engine's device thread (where the
+    live passes run): with the host staging copy into pinned memory, or over rows already staged (the
+    live path stages them as blocks are queued)."""
     runner = engine._cuda
     assert runner is not None and engine._executor is not None
-    states, masks = inputs(k)
-    hs, hm = runner.staging
-    hs[:k] = states
-    hm[:k] = masks
+    states = inputs(k)
+    runner.staging[:k] = states
 
-    def loop() -> list[float]:
-        out = []
-        for _ in range(20):
-            runner.run_staged(k)
-        for _ in range(repeats):
-            t0 = time.perf_counter_ns()
-            runner.run_staged(k)
-            out.append((time.perf_counter_ns() - t0) / 1000.0)
-        return out
+    def one() -> object:
+        return runner.run_staged(k) if staged else runner.run(states)
 
-    samples = sorted(engine._executor.submit(loop).result())  # on the engine's device thread
-    return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return percentiles(engine._executor.submit(time_calls, one, repeats).result())
 
 
 async def time_policy(policy: Any, concurrency: int, rounds: int) -> float:
     """µs per decision when `concurrency` requests arrive in one loop iteration, as the proxy makes
     them: decide, then dispatch (and complete, so the view stays bounded). Median of TRIALS; the
     harness's own cost is the round_robin row's."""
-    view = ClusterView.create(4)
+    view = ClusterView.create(BACKENDS)
     out = Outcome(0, 0, 0.001, False)
     is_async = isinstance(policy, AsyncPolicy)  # a runtime Protocol check costs µs: once, not per call
 
@@ -125,13 +163,17 @@ async def time_policy(policy: Any, concurrency: int, rounds: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=2000)
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2000,
+        help="timed passes per pass row (the policy rows time 2x this many requests)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/decision_latency.md")
     ap.add_argument("--note", default="", help="free text for the results file (e.g. 'machine shared')")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    net = QNetwork(FEATURE_DIM, MAX_BACKENDS, hidden=HIDDEN).eval()
+    net = load_routing_network(HIDDEN)  # spreads load; the passes cost the same whatever the weights
     rows: list[str] = []
 
     def emit(path: str, k: int, p50: float, p99: float) -> None:
@@ -141,60 +183,73 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(line)
         print(line, flush=True)
 
+    def cpu_repeats(k: int) -> int:
+        """Fewer repeats for big CPU blocks (a NumPy pass scores its states one by one)."""
+        return max(min(args.repeats, 50), args.repeats * 32 // max(k, 32))
+
     header = (
-        "| path | batch | p50 µs/pass | p99 µs/pass | ns/decision (p50) | M decisions/s (p50) |\n"
+        "| path | states per pass | p50 µs/pass | p99 µs/pass | ns/state (p50) | M states/s (p50) |\n"
         "|---|---|---|---|---|---|"
     )
     print(header)
-    for backend in ("numpy", "torch"):
-        eng = InferenceEngine(FEATURE_DIM, MAX_BACKENDS, max_batch=max(CPU_BATCHES), cpu_backend=backend)  # type: ignore[arg-type]
-        eng.load_network(net)
-        for k in CPU_BATCHES:
-            repeats = args.repeats if k <= 128 else max(200, args.repeats // 4)
-            p50, p99 = time_passes(eng, k, repeats)
-            emit(f"CPU {backend}", k, p50, p99)
+    inline = InferenceEngine(WIDTH)
+    inline.load_network(net)
+    emit(f"CPU numpy, inline pass ({BACKENDS} + {BACKENDS} rows)", 1, *time_inline(inline, args.repeats))
+    thread = InferenceEngine(WIDTH, max_batch=max(CPU_BATCHES), cpu_backend="thread")
+    thread.load_network(net)
+    for k in CPU_BATCHES:
+        emit("CPU numpy, off-loop pass (thread backend)", k, *time_cpu_passes(thread.q_values, k, cpu_repeats(k)))
+    thread.close()
+
+    def torch_pass(states: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(states)).numpy()
+
+    for k in CPU_BATCHES:
+        emit("CPU torch forward (reference, not an engine backend)", k, *time_cpu_passes(torch_pass, k, cpu_repeats(k)))
     gpu_note = "skipped: no CUDA"
     if torch.cuda.is_available():
         gpu_note = ""
         for graphs in (False, True):
-            eng = InferenceEngine(
-                FEATURE_DIM, MAX_BACKENDS, max_batch=max(GPU_BATCHES), device="cuda", use_graphs=graphs
-            )
+            eng = InferenceEngine(WIDTH, max_batch=max(GPU_BATCHES), device="cuda", use_graphs=graphs)
             eng.load_network(net)
             label = "CUDA graph" if graphs else "eager"
             for k in GPU_BATCHES:
-                p50, p99 = time_passes(eng, k, args.repeats)
-                emit(f"GPU {label}, host staging incl.", k, p50, p99)
+                emit(f"GPU {label}, host staging incl.", k, *time_device(eng, k, args.repeats, staged=False))
             for k in GPU_BATCHES:
-                # The live path stages rows into pinned memory as requests arrive; the pass itself is
-                # one H2D copy, the graph, one D2H copy and the sync.
-                p50, p99 = time_staged(eng, k, args.repeats)
-                emit(f"GPU {label}, pre-staged", k, p50, p99)
+                emit(f"GPU {label}, pre-staged", k, *time_device(eng, k, args.repeats, staged=True))
             eng.close()
     else:
         print(gpu_note)
 
     # What a proxy request pays for its decision: the dqn policy (state snapshot, the iteration's pass,
-    # dispatch-moved Q-values; or the off-loop round trip), next to round robin in the same harness.
+    # dispatch-moved scores; or the off-loop round trip), next to round robin in the same harness.
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
+    paths = {
+        "round_robin": "round_robin (harness baseline)",
+        "numpy": "dqn, inline on the loop",
+        "thread": "dqn, worker thread (off-loop)",
+    }
+    if torch.cuda.is_available():
+        paths["cuda"] = "dqn, CUDA device (off-loop)"
     decide_rows = []
-    for backend in ("round_robin", "numpy", "thread"):
+    for backend, where in paths.items():
         for conc in (1, 8, 64, 256):
             eng = None
             if backend == "round_robin":
                 policy: Any = make_policy("round_robin", 0)
-                where = "round_robin (harness baseline)"
             else:
-                eng = InferenceEngine(FEATURE_DIM, MAX_BACKENDS, max_batch=256, cpu_backend=backend)  # type: ignore[arg-type]
+                device = "cuda" if backend == "cuda" else "cpu"
+                cpu_backend = "thread" if backend == "thread" else "numpy"
+                eng = InferenceEngine(WIDTH, max_batch=256, device=device, cpu_backend=cpu_backend)
                 eng.load_network(net)
-                policy = DqnPolicy(eng)
-                where = "dqn, inline on the loop" if backend == "numpy" else "dqn, worker thread (off-loop)"
-            rounds = max(20, 4000 // conc)
+                policy = DqnPolicy(eng, width=WIDTH)
+            rounds = max(10, 2 * args.repeats // conc)
             us = runner(time_policy(policy, conc, rounds))
             mean_batch = f"{eng.decisions / eng.passes:.1f}" if eng is not None and eng.passes else "-"
             if eng is not None:
@@ -210,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {machine()}",
         f"- command: `{cmd}`",
-        f"- network: QNetwork {FEATURE_DIM} -> {HIDDEN} -> {HIDDEN} -> {MAX_BACKENDS}, masked argmax included; "
-        "torch.set_num_threads(1); GPU rows include the pinned host copy in and out",
+        f"- network: QNetwork(hidden={HIDDEN}, summary={net.summary}) (permutation-equivariant, rl/network.py),"
+        " weights set by hand to route like least in-flight (benchmarks/common.py `load_routing_network`: a"
+        " random network sends a whole iteration to one backend);"
+        f" states of {WIDTH} rows ({feature_dim(WIDTH)} features) from a {BACKENDS}-backend pool; a pass"
+        " returns scores / Q-values (the policy's argmax is not in the pass rows);"
+        " torch.set_num_threads(1); GPU rows include the pinned host copy in and out",
         f"- note: {args.note}" if args.note else "",
         "",
         header,
@@ -219,23 +278,27 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"GPU: {gpu_note}" if gpu_note else "",
         "",
-        "Notes: NumPy's OpenBLAS runs single-threaded here (the engine caps it: from batch ~64 up, its"
-        " spinning threads fought the event loop on 2 cores: 256 µs vs 10 µs per decision at 64 concurrent"
-        " calls), so large CPU batches are slower than a multi-threaded tight loop would show. The CPU"
-        " path uses NumPy because it wins at the small batches a proxy sees. GPU targets (H200: >= 20 M"
-        " decisions/s at batch 8192, p99 <= 100 µs at batch <= 512, copies included) need a CUDA machine:"
-        " run this same command there.",
+        "Notes: the inline pass is ONE state, whatever the load: it answers every decision of its request"
+        " class in one loop iteration, and only the backends' rows are scored (padding rows are left out)."
+        " An off-loop pass scores all the rows of each state it gets, padding included, and the NumPy one"
+        f" (the `thread` backend) does so state by state; the dqn policy sends {OFF_LOOP_LEVELS} states per"
+        " snapshot (every backend after 0.."
+        f"{OFF_LOOP_LEVELS - 1} more dispatches), so a state here is not a decision. NumPy's OpenBLAS runs"
+        " single-threaded (the engine caps it: its spinning threads fought the event loop on 2 cores)."
+        " GPU targets (H200: >= 20 M states/s at batch 8192, p99 <= 100 µs at batch <= 512, copies"
+        " included) need a CUDA machine: run this same command there.",
         "",
-        "## A decision as the proxy pays for it (uvloop): N requests per loop iteration, 4 backends",
+        f"## A decision as the proxy pays for it (uvloop): N requests per loop iteration, {BACKENDS} backends",
         "",
         "Each request: the policy's decision, then its dispatch; the round completes them all. The"
         " round_robin rows are the harness's own cost. Inline, the dqn policy decides an iteration's"
         " requests from one state snapshot and ONE pass (the first decision of the iteration pays it),"
-        " each decision moving the Q-values by its dispatch; 'worker thread' is the off-loop path that"
-        " the CUDA device uses (the same snapshots, their passes in a device thread, each request"
-        " suspended until its snapshot's pass lands), run with the NumPy forward: its cost is what the"
-        " event loop pays whatever the device (the harness gathers the suspended requests, a task each)."
-        " 'mean batch' is decisions per forward pass.",
+        " each dispatch re-scoring only the dispatched backend's row (exact: nothing else of any score"
+        " changes); 'worker thread' is the off-loop path that the CUDA device uses (the same snapshots,"
+        f" {OFF_LOOP_LEVELS} states each, their passes in a device thread, each request suspended until its"
+        " snapshot's pass lands; a backend that takes more dispatches than the snapshot scored needs a new"
+        " snapshot), run with the NumPy pass: its cost is what the event loop pays whatever the device"
+        " (the harness gathers the suspended requests, a task each). 'mean batch' is decisions per pass.",
         "",
         "| path | load | cost | mean batch |",
         "|---|---|---|---|",

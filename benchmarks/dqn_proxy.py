@@ -4,7 +4,8 @@
 
 Configurations, each a fresh proxy process on the same two backends:
   round_robin            the baseline
-  dqn                    --mode serve --policy dqn, greedy (NumPy inference inline, one pass per loop iteration)
+  dqn                    --mode serve --policy dqn, greedy (NumPy inference inline, one pass per loop
+                         iteration and request class; a hand-set least-in-flight network)
   dqn --online, learner idle   the decision records, reward join and replay rows, but no update ever
                          runs (learning_starts out of reach): learning's cost to the loop itself
   dqn --online           the same plus the background learner thread (updates_per_decision from settings)
@@ -34,8 +35,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from common import CONNECTIONS, TASKSET, command, machine, pinned, run_wrk, write_result  # noqa: E402
+from common import (  # noqa: E402
+    CONNECTIONS,
+    TASKSET,
+    command,
+    load_routing_network,
+    machine,
+    pinned,
+    run_wrk,
+    write_result,
+)
 from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
+
+from lbproxy.observe import MAX_BACKENDS  # noqa: E402
 
 LEARNER_WARMUP_S = 60.0
 """Longest wait for an online learner's first update (a spawned learner process imports torch first)."""
@@ -103,28 +115,17 @@ def bootstrap_median_interval(xs: list[float], level: float = 0.90, draws: int =
     return meds[int(tail * draws)], meds[min(draws - 1, int((1.0 - tail) * draws))]
 
 
-def make_model(path: Path, hidden: int = 128) -> None:
-    """A hand-set network of the production shape that routes like least-connections (Q_i = -in-flight_i).
+def make_model(path: Path, hidden: int = 64) -> None:
+    """A hand-set network of the production shape that routes like least-connections
+    (Q_b = -log1p(in-flight_b): common.load_routing_network).
 
     A random network tends to send everything to one backend, which changes the backends' cost, not
-    the proxy's; spreading load like round robin keeps the comparison about the proxy. (The forward
-    pass costs the same whatever the weights.)
+    the proxy's; spreading load like round robin keeps the comparison about the proxy. (The pass costs
+    the same whatever the weights.)
     """
-    import torch
-
-    from lbproxy.observe import FEATURE_DIM, MAX_BACKENDS, PER_BACKEND_FEATURES
     from lbproxy.rl.checkpoint import save_model
-    from lbproxy.rl.network import QNetwork
 
-    net = QNetwork(FEATURE_DIM, MAX_BACKENDS, hidden=hidden)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        for i in range(MAX_BACKENDS):
-            net.body[0].weight[i, i * PER_BACKEND_FEATURES] = 1.0  # h1_i = in-flight of backend i
-            net.body[2].weight[i, i] = 1.0  # h2_i = h1_i
-            net.head.weight[i, i] = -1.0  # Q_i = -in-flight_i
-    save_model(path, net, {"note": "hand-set least-in-flight network for benchmarking"})
+    save_model(path, load_routing_network(hidden), {"note": "hand-set least-in-flight network for benchmarking"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/dqn_proxy.md")
     ap.add_argument("--note", default="", help="free text for the results file (e.g. 'machine shared')")
-    ap.add_argument("--hidden", type=int, default=128, help="hidden width of the served network (Settings default)")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden width of the served network (Settings default)")
     ap.add_argument("--no-online", action="store_true", help="only round_robin and greedy dqn")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="lbproxy-bench-"))
@@ -237,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} interleaved rounds over proxies started once; "
         "2 backends (256 workers, 1 ms constant service); "
         + ("proxy pinned to CPU 0, wrk + backends to CPU 1" if TASKSET else "no taskset: unpinned"),
-        f"- dqn model: production shape (84 -> {args.hidden} -> {args.hidden} -> 16), weights set by hand to route"
-        " like least "
-        "in-flight (so traffic is spread like round robin's); serve mode, greedy; NumPy inference inline, one"
-        " pass per loop iteration",
+        f"- dqn model: production shape (equivariant QNetwork, hidden {args.hidden}; serve mode encodes states of"
+        f" {MAX_BACKENDS} rows and scores the pool's), weights set by hand to route like least in-flight"
+        " (Q = -log1p(in-flight), so traffic is spread like round robin's); serve mode, greedy; NumPy inference"
+        " inline, one pass per loop iteration and request class; --online: states of the replay width (16 rows)",
         f"- note: {args.note}" if args.note else "",
         "",
         *lines,
@@ -248,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         "## What shaped these numbers",
         "",
         "- Decisions are batched by loop iteration: the requests whose handlers run in one iteration are"
-        " decided from one state snapshot and one NumPy pass, inline and without suspending any handler,"
-        " each dispatch moving the Q-values the next decision sees (lbproxy/policies/dqn.py)."
+        " decided from one state snapshot per request class and one NumPy pass, inline and without suspending"
+        " any handler, each dispatch re-scoring the dispatched backend's row for the next decision"
+        " (lbproxy/policies/dqn.py)."
         " OpenBLAS is capped at one thread (its spinning pool made a 64-row pass cost ~25x more on 2"
         " shared cores).",
         "- Learning: a worker thread at nice 10 (routing first; the learner gets what the loop leaves)."

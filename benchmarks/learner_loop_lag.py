@@ -4,10 +4,12 @@
 
 The loop runs flat out (`await asyncio.sleep(0)` in a tight loop, the worst case: it always wants the
 CPU) and feeds the learner decisions, so updates are always owed, while the learner runs
-`Learner.update` at the production shapes. Every gap between two loop iterations is a stall. Rows,
-side by side in one run: no learner; the learner thread (the default); the learner process
-(`--learner-process`). Each unpinned (the process may use both cores) and pinned to one core (as
-benchmarks/dqn_proxy.py pins the proxy): there the OS's time slicing, not the GIL, decides.
+`Learner.update` at the production shapes (the equivariant QNetwork over states of the pool's replay
+width, 16 rows for these 4 backends; Settings' batch 128 and gamma). Every gap between two loop
+iterations is a stall. Rows, side by side in one run: no learner; the learner thread (the default);
+the learner process (`--learner-process`). Each unpinned (the process may use both cores) and pinned
+to one core (as benchmarks/dqn_proxy.py pins the proxy): there the OS's time slicing, not the GIL,
+decides.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from common import command, machine, write_result  # noqa: E402
 
 from lbproxy.config import Settings  # noqa: E402
-from lbproxy.observe import ClusterView, action_mask, encode_state  # noqa: E402
+from lbproxy.observe import ClusterView, action_mask, encode_state, learning_width  # noqa: E402
 from lbproxy.policies.dqn import create_dqn_runtime  # noqa: E402
 from lbproxy.rl.replay import TransitionBatch  # noqa: E402
 
@@ -48,7 +50,8 @@ async def measure(learner: str, seconds: float) -> dict[str, float]:
     rt = create_dqn_runtime(settings, view, None, train=True, total_decisions=10**9)
     lrn: Any = rt.learner
     assert lrn is not None
-    state, mask = encode_state(view, 0), action_mask(view)
+    width = rt.policy.width  # the replay's width (learning_width of the pool)
+    state, mask = encode_state(view, 0, 0.0, width), action_mask(view, width)
     for i in range(1000):
         lrn.add_transitions(TransitionBatch(state[None], [i % 4], [-0.1], state, mask))
     if learner != "none":
@@ -125,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- command: `{cmd}`",
         f"- load: the loop spins on `asyncio.sleep(0)` for {args.seconds:g} s per row and feeds the learner"
-        " a transition every 64 iterations (updates_per_decision 1: always owed); production network and"
-        " learner settings (batch 128); the learner thread at nice 10",
+        " a transition every 64 iterations (updates_per_decision 1: always owed); production network"
+        f" (equivariant QNetwork, hidden {Settings().hidden}, states of {learning_width(4)} rows for 4 backends)"
+        " and learner settings (batch 128); the learner thread at nice 10",
         f"- note: {args.note}" if args.note else "",
         "",
         header,

@@ -6,6 +6,7 @@ each result under benchmarks/results/ stays reproducible with the command it rec
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -88,3 +89,18 @@ def test_learning_quality_runs(tmp_path: Path) -> None:
         ],
     )
     assert "homogeneous" in out.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gunicorn") is None, reason="gunicorn is not installed (dev extra)")
+def test_live_foreign_runs(tmp_path: Path) -> None:
+    out = tmp_path / "live_foreign.md"
+    run_script(
+        "live_foreign",
+        [
+            *("--workers", "1,3", "--duration-s", "1", "--warmup-s", "0.5", "--rounds", "1", "--grace-s", "5"),
+            *("--policies", "least_conn,round_robin,no_such_policy", "--out", str(out)),
+        ],
+    )
+    text = out.read_text()
+    assert "| least_conn |" in text and "| round_robin |" in text and "skipped no_such_policy" in text

@@ -206,3 +206,19 @@ def test_cli_corrupt_checkpoint_on_resume_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "dqn_episode_0100.pth" in lines[0], proc.stderr
+
+
+def test_generated_clusters_train_and_resume_exactly(tmp_path: Path) -> None:
+    """`--scenario generated` (the shipped model's training distribution): a new cluster per episode, the
+    same CSV / checkpoint / dqn_final.pth contract, and an exact resume across the split."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    gen = {"scenario": "generated", "episodes": 12, "checkpoint_every": 4, "metrics_every": 4, "gamma": 0.0}
+    assert run_train_sim(tiny(whole, **gen)) == 0
+    assert run_train_sim(tiny(split, **gen), stop_after=6) == EXIT_INTERRUPTED
+    assert run_train_sim(tiny(split, resume=True, **gen)) == 0
+    a, b = final_weights(whole), final_weights(split)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["episode"] for r in csv_rows(whole)] == ["4", "8", "12"]
+    with pytest.raises(ConfigError, match="scenario_digest|scenario"):
+        run_train_sim(tiny(split, resume=True, **{**gen, "scenario": "curriculum"}))
