@@ -159,9 +159,9 @@ def format_report(rows: list[ClusterRow], agg: dict[str, float], header: dict[st
         f"# Evaluation suite `{header['suite']}`",
         "",
         f"- model: `{header['model']}`",
-        f"- {header['clusters']} clusters, {header['episodes']} episodes x {header['episode_decisions']} decisions per "
-        f"policy and cluster (after a {header['warmup_decisions']}-decision SED-oracle warm-up), same traffic for "
-        "every policy; latency statistics pool every request of a cluster's episodes",
+        f"- {header['cluster_count']} clusters, {header['episodes']} episodes x {header['episode_decisions']} "
+        f"decisions per policy and cluster (after a {header['warmup_decisions']}-decision SED-oracle warm-up), "
+        "same traffic for every policy; latency statistics pool every request of a cluster's episodes",
         f"- date: {header['date']}; wall time {header['wall_s']:.0f} s",
         f"- command: `{header['command']}`",
         "",
@@ -229,7 +229,7 @@ def run_suite(settings: Settings) -> int:
     header = {
         "suite": settings.suite,
         "model": str(model),
-        "clusters": len(rows),
+        "cluster_count": len(rows),
         "episodes": episodes,
         "episode_decisions": settings.episode_decisions,
         "warmup_decisions": WARMUP_DECISIONS,

@@ -7,7 +7,9 @@ same moment in time, so a difference between their latencies is the policies' do
 inside the proxy). About once a second :meth:`Guardrail.evaluate` compares the arms per request
 class over the last `window_s`; when the DQN arm is worse with statistical confidence and by more
 than a practical margin, the guardrail *trips*: everything is routed by the fallback except a
-`probe_share` (5 %) still routed by the DQN, so that recovery can be seen. Learning goes on (the
+`probe_share` (1 %) still routed by the DQN, so that recovery can be seen (1 %, not more: the probe's
+requests go where the DQN sends them, and above 1 % they would set the client-side p99 while the
+DQN is bad). Learning goes on (the
 fallback's decisions are valid off-policy transitions). When the probe is no longer worse it
 *recovers*. Each switch is logged once, counted, and shown in :meth:`Guardrail.describe`.
 
@@ -295,7 +297,7 @@ class Guardrail:
         self,
         *,
         control_share: float = 0.05,
-        probe_share: float = 0.05,
+        probe_share: float = 0.01,
         window_s: float = 10.0,
         min_samples: int = 30,
         alpha: float = 0.01,

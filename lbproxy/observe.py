@@ -129,6 +129,8 @@ class ClusterView:
     """EWMA of end-to-end latency over all classes (from the first completion on, no default in it)."""
     samples: list[int] = field(default_factory=list)
     """Completions seen per backend (capped)."""
+    consecutive_errors: list[int] = field(default_factory=list)
+    """Errors in a row per backend (reset by a success)."""
     class_latency_s: list[list[float]] = field(default_factory=list)
     """[class][backend] EWMA of end-to-end latency (queueing included)."""
     class_service_s: list[list[float]] = field(default_factory=list)
@@ -173,6 +175,7 @@ class ClusterView:
             service_time_s=[DEFAULT_RTT_S] * n,
             latency_s=[DEFAULT_RTT_S] * n,
             samples=[0] * n,
+            consecutive_errors=[0] * n,
             class_latency_s=_rows(n, DEFAULT_RTT_S),
             class_service_s=_rows(n, DEFAULT_RTT_S),
             class_samples=[[0] * n for _ in range(NUM_CLASSES)],
@@ -208,6 +211,7 @@ class ClusterView:
         self.service_time_s.append(DEFAULT_RTT_S)
         self.latency_s.append(DEFAULT_RTT_S)
         self.samples.append(0)
+        self.consecutive_errors.append(0)
         for c in range(NUM_CLASSES):
             self.class_latency_s[c].append(self.typical_s[c])
             self.class_service_s[c].append(self.typical_s[c])
@@ -238,7 +242,12 @@ class ClusterView:
             cost = cost * w + rtt * (1.0 - w)
         self.latency_cost_s[i] = cost
         self.last_update_s[i] = now_s
-        self.error_rate[i] += ERROR_EWMA_ALPHA * ((1.0 if out.error else 0.0) - self.error_rate[i])
+        if out.error:
+            self.error_rate[i] += ERROR_EWMA_ALPHA * (1.0 - self.error_rate[i])
+            self.consecutive_errors[i] += 1
+        else:
+            self.error_rate[i] -= ERROR_EWMA_ALPHA * self.error_rate[i]
+            self.consecutive_errors[i] = 0
         # Lazy exponential decay of completion shares: bump the increment instead of scaling all slots.
         self._share_scale /= 1.0 - SHARE_DECAY
         self.share[i] += self._share_scale
@@ -321,17 +330,20 @@ F_IDLE = 8
 """log1p(time since the last completion / typical latency): a backend that stopped answering."""
 F_CONFIDENCE = 9
 """min(1, completions of the class / 10): how much the class estimates can be trusted."""
-STATIC_FEATURES = 10
-"""Columns 0..9 do not change on a dispatch: the pooled cluster summary is built from these only."""
-F_LOG_IN_FLIGHT = 10
+F_FAILING = 10
+"""min(consecutive errors, 5) / 5: a backend that just started failing, seen from its first error (the
+error EWMA needs ~20 completions; outlier ejection acts after 5 in a row)."""
+STATIC_FEATURES = 11
+"""Columns 0..10 do not change on a dispatch: the pooled cluster summary is built from these only."""
+F_LOG_IN_FLIGHT = 11
 """log1p(in-flight) (dynamic)."""
-F_UTILISATION = 11
+F_UTILISATION = 12
 """in-flight / observed concurrency (dynamic)."""
-F_EXPECTED = 12
+F_EXPECTED = 13
 """Expected latency of one more request of the class: service x max(1, (in-flight + 1) / concurrency),
 in typical latencies (dynamic). The queueing model every heuristic approximates, given to the network
 outright; it learns where the model is wrong."""
-ROW_FEATURES = 13
+ROW_FEATURES = 14
 
 C_CLASS = 0
 """Context: request-class one-hot (NUM_CLASSES columns)."""
@@ -378,6 +390,14 @@ def action_mask(view: ClusterView, width: int = MAX_BACKENDS, out: np.ndarray | 
     return mask
 
 
+_RATIO_ROWS = [3, 2, 4]
+"""Rows of encode_state's raw block that F_LATENCY, F_SERVICE, F_LATENCY_ALL divide (class latency,
+class service, all-class latency)."""
+_COUNT_ROWS = [9, 12]
+_COUNT_SCALE = np.array([[0.1], [0.2]])
+"""F_CONFIDENCE = class completions / 10 and F_FAILING = consecutive errors / 5, both capped at 1."""
+
+
 def encode_state(
     view: ClusterView,
     req_class: int,
@@ -416,26 +436,33 @@ def encode_state(
             view.class_samples[c],
             view.available,
             view.samples,
+            view.consecutive_errors,
         ),
         dtype=np.float64,
     )
     conc, inf = raw[0], raw[1]
-    svc, lat_c = _class_estimates(raw, typ, typ_all)
     cols = np.empty((ROW_FEATURES, n))
     cols[F_VALID] = 1.0
     cols[F_AVAILABLE] = raw[10]
-    np.divide(lat_c, typ, out=cols[F_LATENCY])
-    np.divide(svc, typ, out=cols[F_SERVICE])
-    # All classes: the backend's own EWMA; a backend never measured reads as typical (1.0).
-    np.divide(raw[4], typ_all, out=cols[F_LATENCY_ALL])
-    cols[F_LATENCY_ALL][raw[11] == 0] = 1.0
+    # The three latency ratios in one gather, one multiply (each NumPy call costs ~1 µs at this size).
+    cols[F_LATENCY : F_LATENCY_ALL + 1] = raw[_RATIO_ROWS] * np.array([[1.0 / typ], [1.0 / typ], [1.0 / typ_all]])
+    if 0 in view.class_samples[c]:
+        svc, lat_c = _class_estimates(raw, typ, typ_all)
+        cols[F_LATENCY] = lat_c / typ
+        cols[F_SERVICE] = svc / typ
+        cols[F_LATENCY_ALL][raw[11] == 0] = 1.0  # never measured: reads as typical
     np.log(conc, out=cols[F_LOG_CONCURRENCY])
     cols[F_ERROR] = raw[6]
     total_share = sum(view.share)
     cols[F_SHARE] = raw[7] * (len(cands) / total_share) if total_share > 0.0 else 0.0
-    np.log1p(np.maximum(0.0, now_s - raw[8]) / typ, out=cols[F_IDLE])
-    np.minimum(raw[9] / 10.0, 1.0, out=cols[F_CONFIDENCE])
+    idle = cols[F_IDLE]
+    np.subtract(now_s, raw[8], out=idle)
+    np.maximum(idle, 0.0, out=idle)
+    idle *= 1.0 / typ
+    np.log1p(idle, out=idle)
+    np.multiply(raw[_COUNT_ROWS], _COUNT_SCALE, out=cols[F_CONFIDENCE : F_FAILING + 1])
     np.minimum(cols[:F_LOG_IN_FLIGHT], CLIP_RATIO, out=cols[:F_LOG_IN_FLIGHT])
+    np.minimum(cols[F_CONFIDENCE : F_FAILING + 1], 1.0, out=cols[F_CONFIDENCE : F_FAILING + 1])
     dynamic_columns(inf, conc, cols[F_SERVICE], cols[F_LOG_IN_FLIGHT:])
     rows = x[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)
     rows[:n] = cols.T
@@ -447,7 +474,7 @@ def encode_state(
     ctx[C_CLASS + c] = 1.0
     ctx[C_LOG_COUNT] = math.log(max(1, len(cands)))
     ctx[C_LOG_SCALE] = math.log10(typ)
-    total_conc = sum(view.concurrency[i] for i in cands) if cands else 1.0
+    total_conc = float(raw[0].sum()) if len(cands) == n else sum(view.concurrency[i] for i in cands) if cands else 1.0
     ctx[C_LOAD] = min(view.total_in_flight / total_conc, CLIP_RATIO)
     ctx[C_LOG_TOTAL] = math.log1p(view.total_in_flight)
     return x
@@ -493,17 +520,7 @@ class DispatchModel:
     (Completions within the iteration are seen by the next iteration's state.)
     """
 
-    __slots__ = (
-        "concurrency",
-        "ctx",
-        "in_flight",
-        "n",
-        "rows",
-        "service",
-        "state",
-        "total_concurrency",
-        "total_in_flight",
-    )
+    __slots__ = ("_arrays", "_concurrency", "_in_flight", "ctx", "n", "rows", "state", "total_in_flight")
 
     def __init__(self, view: ClusterView, req_class: int, state: np.ndarray) -> None:
         width = state_width(state.shape[0])
@@ -511,18 +528,28 @@ class DispatchModel:
         self.state = state
         self.rows = state[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)[: self.n]
         self.ctx = state[width * ROW_FEATURES :]
-        self.in_flight = np.asarray(view.in_flight, dtype=np.float64)
-        self.concurrency = np.asarray(view.concurrency)
-        self.service = self.rows[:, F_SERVICE].astype(np.float64)
-        cands = view.candidates
-        self.total_concurrency = sum(view.concurrency[i] for i in cands) if cands else 1.0
+        # Copies of the two lists, NumPy only when a what-if row is asked for: most snapshots (one
+        # request per loop iteration) never need one, and the conversions are a third of the cost.
+        self._in_flight = view.in_flight[:]
+        self._concurrency = view.concurrency[:]
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.total_in_flight = view.total_in_flight
+
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (
+                np.asarray(self._in_flight, dtype=np.float64),
+                np.asarray(self._concurrency),
+                self.rows[:, F_SERVICE].astype(np.float64),
+            )
+        return self._arrays
 
     def rows_after(self, slots: np.ndarray, extra: np.ndarray) -> np.ndarray:
         """Rows `slots` (all valid) as they read after `extra` more dispatches to each."""
+        in_flight, concurrency, service = self._columns()
         out = self.rows[slots].copy()
         cols = np.empty((3, len(slots)))
-        dynamic_columns(self.in_flight[slots] + extra, self.concurrency[slots], self.service[slots], cols)
+        dynamic_columns(in_flight[slots] + extra, concurrency[slots], service[slots], cols)
         out[:, F_LOG_IN_FLIGHT:] = cols.T
         return out
 
@@ -535,9 +562,14 @@ class DispatchModel:
             width = state_width(x.shape[0])
             x[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)[slots] = self.rows_after(slots, extra)
             total = self.total_in_flight + float(extra.sum())
-            x[width * ROW_FEATURES + C_LOAD] = min(total / self.total_concurrency, CLIP_RATIO)
+            x[width * ROW_FEATURES + C_LOAD] = min(total / self._total_concurrency(), CLIP_RATIO)
             x[width * ROW_FEATURES + C_LOG_TOTAL] = math.log1p(total)
         return x
+
+    def _total_concurrency(self) -> float:
+        """The candidates' (valid rows') total concurrency: the load ratio's denominator in encode_state."""
+        valid = self.rows[:, F_VALID] > 0.0
+        return float(np.asarray(self._concurrency)[valid].sum()) if valid.any() else 1.0
 
 
 # --- reward -----------------------------------------------------------------------------------------
@@ -551,6 +583,25 @@ def reward(latency_s: float, error: bool, typical_s: float, error_penalty: float
     fairness would fight the latency objective on heterogeneous clusters.
     """
     return -latency_s / max(typical_s, 1e-9) - (error_penalty if error else 0.0)
+
+
+def outcome_reward(out: Outcome, view: ClusterView, error_penalty: float = ERROR_PENALTY) -> float:
+    """The reward a learner is given for one outcome: `reward` of the request's latency, with its own
+    service-time draw replaced by the backend's expected service time when the backend reported it.
+
+    A control variate (variance reduction, same expectation): the service time a request happens to
+    need is noise no routing decision controls, and with lognormal service (cv up to 3) it dominates
+    the variance of the latency. What routing controls is the wait, plus which backend's typical
+    service time the request gets; `latency - service + E[service of the class at that backend]`
+    keeps both. Call after `view.on_complete(out)`: the estimate then includes this sample at weight
+    LATENCY_EWMA_ALPHA. Backends that report nothing (a web server we did not write) give the plain
+    latency: the same expectation, more noise.
+    """
+    st = out.service_time_s
+    latency = out.latency_s
+    if st is not None and not out.error:
+        latency = max(0.0, latency - st) + view.class_service_s[out.req_class][out.backend]
+    return reward(latency, out.error, view.typical_all_s, error_penalty)
 
 
 # --- fairness and accuracy --------------------------------------------------------------------------

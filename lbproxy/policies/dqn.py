@@ -39,7 +39,7 @@ from lbproxy.observe import (
     feature_dim,
     is_accurate,
     learning_width,
-    reward,
+    outcome_reward,
 )
 from lbproxy.policies.base import Decision, NoBackendAvailable, Policy
 from lbproxy.proxy.batched_metrics import BatchedHistogram
@@ -60,9 +60,12 @@ CONTROL_ARM = -2
 """Decision id of a request routed by the guardrail's control arm when no decision record is kept
 (greedy serving): the outcome tells the guardrail which arm it belongs to. DQN-routed: -1."""
 
-EXTEND_LEVELS = 4
-"""Inline: when a backend takes more dispatches within one snapshot than its scores were computed for,
-this many further what-if rows of it are scored in one row pass (one per extra dispatch)."""
+LOOKAHEAD_LEVELS = 4
+"""Inline: what-if rows scored per backend at a time. A snapshot's pass scores each backend as it is
+(all a lone request needs); the first time a decision of the snapshot finds a dispatched backend's
+next score missing, every candidate is scored after 1..4 more dispatches in ONE row pass (the
+iteration has several requests: they will need them), and later a backend that runs out gets 4 more
+the same way. Scores are exact whatever the count (observe.DispatchModel); this only batches them."""
 
 OFF_LOOP_LEVELS = 8
 """Off-loop: an off-loop pass scores every backend after 0..7 more dispatches in one device pass (8
@@ -128,6 +131,10 @@ class _Snapshot:
     """levels[b][k]: slot b's score after k dispatches since the snapshot."""
     scorer: RowScorer | None = None
     """Inline: the state's pass, to score further what-if rows of one backend."""
+    stale: list[int] = dataclasses.field(default_factory=list)
+    """Inline: slots dispatched to whose next score is not computed yet (done before the next decision)."""
+    looked_ahead: bool = False
+    """Inline: every candidate's what-if rows were scored once (`_refresh`)."""
     late: bool = False
     """The pass missed the decision deadline (or failed): the snapshot's requests fall back."""
     exhausted: bool = False
@@ -282,45 +289,56 @@ class DqnPolicy:
         """Start deciding from a pass's scores, moved by the dispatches counted since the snapshot."""
         n = len(levels)
         scores = np.full(n, -np.inf)
+        snap.levels = levels
         for b in snap.candidates:
             k = snap.counts[b]
             lev = levels[b]
-            if k >= len(lev) and not self._extend(snap, levels, b, k):
+            if k < len(lev):
+                scores[b] = lev[k]
+            elif snap.scorer is not None:
+                snap.stale.append(b)
+            else:
                 snap.exhausted = True
                 break
-            scores[b] = lev[k]
-        snap.levels = levels
         snap.scores = scores
         if snap not in self._live:
             self._live.append(snap)
+        if snap.stale:
+            self._refresh(snap)
         return scores
 
-    def _extend(self, snap: _Snapshot, levels: list[list[float]], b: int, k: int) -> bool:
-        """Inline: score slot b after k .. k + EXTEND_LEVELS - 1 dispatches (one row pass). Off-loop: no."""
-        if snap.scorer is None:
-            return False
-        start = len(levels[b])
-        extra = np.arange(start, max(k + 1, start + EXTEND_LEVELS), dtype=np.float64)
-        rows = snap.model.rows_after(np.full(len(extra), b), extra)
-        levels[b].extend(self.engine.score(snap.scorer, rows).tolist())
-        return True
+    def _refresh(self, snap: _Snapshot) -> None:
+        """Inline: score what the stale slots (dispatched to, next score missing) read now, in one row
+        pass: the first time for every candidate (LOOKAHEAD_LEVELS further dispatches each), then for
+        the stale slots only."""
+        levels, scores, scorer = snap.levels, snap.scores, snap.scorer
+        assert levels is not None and scores is not None and scorer is not None
+        slots = snap.candidates if not snap.looked_ahead else sorted(set(snap.stale))
+        snap.looked_ahead = True
+        snap.stale.clear()
+        counts = snap.counts
+        starts = [len(levels[b]) for b in slots]
+        ends = [max(counts[b] + 1, start + LOOKAHEAD_LEVELS) for b, start in zip(slots, starts, strict=True)]
+        which = np.repeat(np.asarray(slots, dtype=np.intp), np.subtract(ends, starts))
+        extra = np.concatenate([np.arange(a, e, dtype=np.float64) for a, e in zip(starts, ends, strict=True)])
+        got = self.engine.score(scorer, snap.model.rows_after(which, extra)).tolist()
+        k = 0
+        for b, a, e in zip(slots, starts, ends, strict=True):
+            levels[b].extend(got[k : k + e - a])
+            k += e - a
+            scores[b] = levels[b][counts[b]]
 
     def _evaluate(self, snap: _Snapshot) -> np.ndarray | None:
-        """The inline pass for a snapshot: every candidate's score now and after one more dispatch;
-        None (and the snapshot marked late) when the pass missed the deadline."""
+        """The inline pass for a snapshot: every candidate's score now; None (and the snapshot marked
+        late) when the pass missed the deadline."""
         model = snap.model
-        cands = np.asarray(snap.candidates)
-        out = self.engine.inline_pass(model.rows, model.ctx, model.rows_after(cands, np.ones(len(cands))))
+        out = self.engine.inline_pass(model.rows, model.ctx, model.rows[:0])
         if out is None:
             snap.late = True
             return None
         snap.scorer, scores = out
         flat = scores.tolist()
-        n = model.n
-        levels: list[list[float]] = [[flat[b]] for b in range(n)]
-        for j, b in enumerate(snap.candidates):
-            levels[b].append(flat[n + j])
-        return self._install(snap, levels)
+        return self._install(snap, [[flat[b]] for b in range(model.n)])
 
     def _fall_back(self, reason: str, req_class: int, view: ClusterView, now_s: float) -> int:
         self.fallback_counts[reason] += 1
@@ -349,6 +367,8 @@ class DqnPolicy:
             action = self.fallback.choose(req_class, view, now_s)
             self.explored += 1
         elif scores is not None:  # the iteration's pass has run: the common case under load
+            if snap.stale:
+                self._refresh(snap)
             action = int(scores.argmax())
             snap.answered += 1
         elif not self.engine.has_model:
@@ -446,10 +466,12 @@ class DqnPolicy:
             if levels is None or scores is None or scores[action] == -np.inf:
                 continue  # in flight (applied when it lands), or not a candidate of that snapshot
             lev = levels[action]
-            if k >= len(lev) and not self._extend(live, levels, action, k):
+            if k < len(lev):
+                scores[action] = lev[k]
+            elif live.scorer is not None:
+                live.stale.append(action)  # scored before the snapshot's next decision, if it has one
+            else:
                 live.exhausted = True
-                continue
-            scores[action] = lev[k]
         self.decisions += 1
         return decision
 
@@ -485,9 +507,7 @@ class DqnPolicy:
             guard.record(outcome.req_class, by_fallback, outcome.latency_s, outcome.error, now_s)
         if rec is None or self.learner is None:
             return
-        self._joined[rec.req_class].append(
-            (rec, reward(outcome.latency_s, outcome.error, view.typical_all_s, self.error_penalty))
-        )
+        self._joined[rec.req_class].append((rec, outcome_reward(outcome, view, self.error_penalty)))
         self._join_now_s = now_s
         if not self._join_armed:
             self._join_view = view

@@ -8,11 +8,10 @@ from 0 over the simulator's lifetime). `observe` joins the outcome with that rec
 reward with `observe.reward`, pushes the transition and runs learner updates at
 `cfg.updates_per_decision`.
 
-Decision forward: the NumPy arithmetic of rl/network.py over *views* of the learner's CPU parameters
-(`NumpyWeights.views`): they share memory with the torch parameters, which Adam and `load_state_dict`
-update in place, so the agent always acts with the latest weights and never copies. On CUDA the agent
-keeps a host copy and refreshes it after every update. Only the rows of the view's slots are scored
-(padding rows are all zero and never chosen).
+Decision forward: the NumPy arithmetic of rl/network.py (`greedy_action`: one RowScorer over the
+view's own rows; padding rows are never scored) on a NumPy copy of the learner's weights, refreshed
+after each completion that ran updates (~10k parameters, a few tens of µs, once per ~10 decisions at
+the default update ratio). NumPy because a batch-1 torch forward costs several times more.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from lbproxy.observe import (
     action_mask,
     encode_state,
     feature_dim,
-    reward,
+    outcome_reward,
     state_width,
 )
 from lbproxy.policies.base import NoBackendAvailable
@@ -151,7 +150,7 @@ class DqnAgent:
             self.dropped += 1
             return
         state, action, req_class = rec
-        r = reward(outcome.latency_s, outcome.error, view.typical_all_s, self.cfg.error_penalty)
+        r = outcome_reward(outcome, view, self.cfg.error_penalty)
         if self.cfg.gamma > 0.0:
             next_state = encode_state(view, req_class, now_s, self.width)
             next_mask = action_mask(view, self.width, out=self._mask)

@@ -150,12 +150,12 @@ def cluster_summary(w: NumpyWeights, rows: np.ndarray, ctx: np.ndarray) -> np.nd
     rows change neither the masked mean nor the max), `ctx` its CONTEXT_FEATURES."""
     z = rows[:, :STATIC_FEATURES] @ w.ws
     np.maximum(z, 0.0, out=z)
-    count = rows[:, F_VALID].sum()
-    pooled = np.empty(2 * z.shape[1] + STATIC_CONTEXT, dtype=np.float32)
     s = z.shape[1]
-    np.sum(z, axis=0, out=pooled[:s])
-    pooled[:s] /= max(1.0, float(count))
-    np.max(z, axis=0, out=pooled[s : 2 * s])
+    pooled = np.empty(2 * s + STATIC_CONTEXT, dtype=np.float32)
+    # ufunc.reduce directly: np.sum / np.max add a Python wrapper (~1 µs each) to a 16 x 32 reduction.
+    np.add.reduce(z, axis=0, out=pooled[:s])
+    pooled[:s] *= 1.0 / max(1.0, float(np.add.reduce(rows[:, F_VALID])))
+    np.maximum.reduce(z, axis=0, out=pooled[s : 2 * s])
     pooled[2 * s :] = ctx[:STATIC_CONTEXT]
     u = pooled @ w.wc
     u += w.bc

@@ -6,7 +6,7 @@ flat slot-indexed model of 2026-11 learned "slot 2 is fast"); trained on thousan
 differ in everything a real deployment can differ in, it has to learn what a fast, busy or failing
 backend looks like instead. Each draw varies:
 
-- size: 1-16 backends (log-uniform: small clusters are common);
+- size: 1-16 backends (2-16 log-uniform, small clusters being common; one backend 5 % of the time);
 - speed: per-backend factors spanning up to 20x within a cluster, in a smooth spread or in tiers;
 - workers (concurrency): 1-16 per backend, uniform across the cluster or not;
 - class skew: some backends fast for light work and slow for heavy work (or the reverse);
@@ -39,6 +39,9 @@ GENERATED = "generated"
 """The --scenario name that trains on (and evaluates over) generated clusters."""
 
 MAX_GENERATED_BACKENDS = 16
+ONE_BACKEND_SHARE = 0.05
+"""Share of one-backend clusters: they belong to the distribution (a model must not break on them), but
+there is nothing to balance, so any policy's ratio is exactly 1.0 there."""
 EPISODE_ARRIVALS = 384
 """Arrivals in one training/evaluation episode (warm-up + decisions, trainer defaults): the generator
 sizes fault schedules in units of the time they take, so a fault lands inside episodes at any scale."""
@@ -113,7 +116,8 @@ def _faults(rng: np.random.Generator, n: int, period_s: float) -> tuple[Fault, .
 def generate_scenario(seed: int, split: Split = "train") -> Scenario:
     """One random cluster with its traffic and faults (module docstring); pure function of its arguments."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(_SPLIT_KEY[split],))))
-    n = min(MAX_GENERATED_BACKENDS, round(_log_uniform(rng, 1.0, MAX_GENERATED_BACKENDS + 0.49)))
+    # One backend 5 % of the time (every policy routes it alike), else 2-16, log-uniform: small pools are common.
+    n = 1 if rng.random() < ONE_BACKEND_SHARE else min(MAX_GENERATED_BACKENDS, round(_log_uniform(rng, 1.51, 16.49)))
     speeds, workers = _speeds(rng, n), _workers(rng, n)
     skews = [_class_speed(rng) for _ in range(n)]
     servers = tuple(

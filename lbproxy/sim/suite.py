@@ -21,7 +21,7 @@ from lbproxy.sim.scenario import Scenario, ScenarioError, list_scenarios, load_s
 TRAIN_SEED_STRIDE = 2**32
 """Training episode e of a run seeded s uses seed s * 2**32 + e, for the simulator and the generator."""
 
-GENERATOR_VERSION = "generator/1"
+GENERATOR_VERSION = "generator/2"
 """Changes whenever generate_scenario draws differently: it is part of a run's fingerprint, so a
 resume across a generator change is refused instead of silently training on other clusters."""
 
