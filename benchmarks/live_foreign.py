@@ -55,7 +55,7 @@ from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
 
 from lbproxy.cluster import ServiceSpec  # noqa: E402
 from lbproxy.config import POLICY_NAMES  # noqa: E402
-from loadgen.open_loop import Schedule, Summary, parse_mix, poisson_schedule, run  # noqa: E402
+from loadgen.open_loop import RunResult, Schedule, Summary, parse_mix, poisson_schedule, run  # noqa: E402
 
 PROXY_CPU = 0
 DEFAULT_SPEED = 0.5
@@ -204,6 +204,24 @@ class Measurement:
     """Fraction of the run's requests the proxy sent to each backend."""
     proxy_cpu_pct: float
     generator_cpu_pct: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The proxy's /metrics at the end of the run (see `proxy_metrics`)."""
+    result: RunResult | None = field(default=None, repr=False)
+    """The run request by request (benchmarks/live_train_foreign.py slices it per minute)."""
+
+
+def proxy_metrics(admin_url: str) -> dict[str, float]:
+    """The proxy's /metrics page as {series: value}, each series written as on the page
+    (`lbproxy_epsilon`, `lbproxy_guardrail_switches_total{to="fallback"}`)."""
+    with urllib.request.urlopen(admin_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[series] = float(value)
+    return out
 
 
 def measure(
@@ -226,23 +244,32 @@ def measure(
             # No queue left by the warm-up when the measured run starts. Waited for, not restarted away:
             # the proxy would see the dropped connections as failures and could eject the backend.
             cluster.settle(DRAIN_TIMEOUT_S)
-        before = backend_requests(proxy.admin_url)
-        cpu0, self0, t0 = cpu_s(proxy.popen.pid), _self_cpu_s(), time.monotonic()
-        result = run(proxy.url, schedule, grace_s)
-        wall = time.monotonic() - t0
-        proxy_cpu, self_cpu = cpu_s(proxy.popen.pid) - cpu0, _self_cpu_s() - self0
-        after = backend_requests(proxy.admin_url)
+        return measure_running(proxy, policy.name, schedule, grace_s, round_index)
     finally:
         proxy.stop(PROXY_STOP_S)
+
+
+def measure_running(proxy: Proc, name: str, schedule: Schedule, grace_s: float, round_index: int = 0) -> Measurement:
+    """`schedule` through a proxy already running (the measured part of `measure`; live training
+    measures its trainer with it), its /metrics read at the end."""
+    before = backend_requests(proxy.admin_url)
+    cpu0, self0, t0 = cpu_s(proxy.popen.pid), _self_cpu_s(), time.monotonic()
+    result = run(proxy.url, schedule, grace_s)
+    wall = time.monotonic() - t0
+    proxy_cpu, self_cpu = cpu_s(proxy.popen.pid) - cpu0, _self_cpu_s() - self0
+    after = backend_requests(proxy.admin_url)
+    metrics = proxy_metrics(proxy.admin_url)
     sent = [a - b for a, b in zip(after, before, strict=True)]
     total = max(1, sum(sent))
     return Measurement(
-        policy=policy.name,
+        policy=name,
         round=round_index,
         summary=result.summary,
         shares=[s / total for s in sent],
         proxy_cpu_pct=100.0 * proxy_cpu / wall,
         generator_cpu_pct=100.0 * self_cpu / wall,
+        metrics=metrics,
+        result=result,
     )
 
 
@@ -274,6 +301,39 @@ class Comparison:
         base = {m.round: m.summary.p99_ms for m in self.runs[best]}
         xs = [m.summary.p99_ms / base[m.round] for m in self.runs[name] if m.round in base]
         return (min(xs), max(xs)) if xs else (math.nan, math.nan)
+
+
+def compare(
+    cluster: ForeignCluster,
+    configs: Sequence[PolicyConfig],
+    rate_rps: float,
+    mix: tuple[float, float, float],
+    duration_s: float,
+    warmup_s: float,
+    grace_s: float,
+    rounds: int,
+    seed: int,
+    notes: list[str],
+    weighted: bool = False,
+) -> Comparison:
+    """`rounds` rounds of every policy, in an order shuffled per round (seeded), each round's policies
+    on one schedule (seed + round); a proxy that does not start is skipped with a line in `notes`."""
+    cmp = Comparison(list(configs))
+    for rnd in range(rounds):
+        order = list(configs)
+        random.Random(seed * 1000 + rnd).shuffle(order)
+        schedule = poisson_schedule(rate_rps, duration_s, seed + rnd, mix)
+        for policy in order:
+            try:
+                m = measure(cluster, policy, schedule, warmup_s, grace_s, weighted, rnd)
+            except (RuntimeError, TimeoutError) as exc:  # e.g. the dqn model is missing or being rebuilt
+                last = (str(exc).strip().splitlines() or [repr(exc)])[-1][:200]  # the error, after its traceback
+                notes.append(f"{policy.name} round {rnd + 1}: proxy did not start: {last}")
+                print(notes[-1], flush=True)
+                continue
+            cmp.runs.setdefault(policy.name, []).append(m)
+            print(f"round {rnd + 1} {policy.name:<12} {m.summary.line()}", flush=True)
+    return cmp
 
 
 def table(cmp: Comparison, workers: Sequence[int]) -> list[str]:
@@ -356,26 +416,24 @@ def main(argv: list[str] | None = None) -> int:
     configs, notes = policy_configs([p.strip() for p in args.policies.split(",") if p.strip()], args.model)
     for note in notes:
         print(note, flush=True)
-    cmp = Comparison(configs)
     started, load_before = time.monotonic(), os.getloadavg()[0]
     with start_foreign_cluster(workers, args.speed, cpu=LOAD_CPU) as cluster, pinned_self(LOAD_CPU):
         capacity = cluster.capacity_rps(mix)
         rate = args.load * capacity
         print(f"cluster workers {workers}: capacity {capacity:.0f} req/s, offered {rate:.0f} req/s", flush=True)
-        for rnd in range(args.rounds):
-            order = list(configs)
-            random.Random(args.seed * 1000 + rnd).shuffle(order)
-            schedule = poisson_schedule(rate, args.duration_s, args.seed + rnd, mix)
-            for policy in order:
-                try:
-                    m = measure(cluster, policy, schedule, args.warmup_s, args.grace_s, args.weights == "workers", rnd)
-                except (RuntimeError, TimeoutError) as exc:  # e.g. the dqn model is missing or being rebuilt
-                    last = (str(exc).strip().splitlines() or [repr(exc)])[-1][:200]  # the error, after its traceback
-                    notes.append(f"{policy.name} round {rnd + 1}: proxy did not start: {last}")
-                    print(notes[-1], flush=True)
-                    continue
-                cmp.runs.setdefault(policy.name, []).append(m)
-                print(f"round {rnd + 1} {policy.name:<12} {m.summary.line()}", flush=True)
+        cmp = compare(
+            cluster,
+            configs,
+            rate,
+            mix,
+            args.duration_s,
+            args.warmup_s,
+            args.grace_s,
+            args.rounds,
+            args.seed,
+            notes,
+            args.weights == "workers",
+        )
         load_after = os.getloadavg()[0]
         gunicorn = version("gunicorn")
     elapsed_s = time.monotonic() - started

@@ -585,25 +585,6 @@ def reward(latency_s: float, error: bool, typical_s: float, error_penalty: float
     return -latency_s / max(typical_s, 1e-9) - (error_penalty if error else 0.0)
 
 
-def outcome_reward(out: Outcome, view: ClusterView, error_penalty: float = ERROR_PENALTY) -> float:
-    """The reward a learner is given for one outcome: `reward` of the request's latency, with its own
-    service-time draw replaced by the backend's expected service time when the backend reported it.
-
-    A control variate (variance reduction, same expectation): the service time a request happens to
-    need is noise no routing decision controls, and with lognormal service (cv up to 3) it dominates
-    the variance of the latency. What routing controls is the wait, plus which backend's typical
-    service time the request gets; `latency - service + E[service of the class at that backend]`
-    keeps both. Call after `view.on_complete(out)`: the estimate then includes this sample at weight
-    LATENCY_EWMA_ALPHA. Backends that report nothing (a web server we did not write) give the plain
-    latency: the same expectation, more noise.
-    """
-    st = out.service_time_s
-    latency = out.latency_s
-    if st is not None and not out.error:
-        latency = max(0.0, latency - st) + view.class_service_s[out.req_class][out.backend]
-    return reward(latency, out.error, view.typical_all_s, error_penalty)
-
-
 # --- fairness and accuracy --------------------------------------------------------------------------
 def gini(load: Sequence[float], capacity: Sequence[float] | None = None) -> float:
     """Gini coefficient of load/capacity: 0 when load is in proportion to capacity, ->1 when one

@@ -104,3 +104,20 @@ def test_live_foreign_runs(tmp_path: Path) -> None:
     )
     text = out.read_text()
     assert "| least_conn |" in text and "| round_robin |" in text and "skipped no_such_policy" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gunicorn") is None, reason="gunicorn is not installed (dev extra)")
+def test_live_train_foreign_runs(tmp_path: Path) -> None:
+    out = tmp_path / "live_train_foreign.md"
+    run_script(
+        "live_train_foreign",
+        [
+            *("--workers", "1,3", "--train-s", "6", "--slice-s", "3", "--eval-s", "1", "--warmup-s", "0.5"),
+            *("--rounds", "1", "--grace-s", "5", "--policies", "least_conn", "--run-dir", str(tmp_path / "run")),
+            *("--out", str(out)),
+        ],
+    )
+    text = out.read_text()
+    assert "| dqn_trained |" in text and "| least_conn |" in text and "| 3-6 |" in text
+    assert (tmp_path / "run" / "dqn_final.pth").is_file()

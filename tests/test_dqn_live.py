@@ -19,6 +19,7 @@ import aiohttp
 import numpy as np
 import pytest
 import torch
+from nets import column_net
 from support import LOOPBACK, REPO, Proc, free_port, start_backend, start_proxy
 
 from lbproxy.config import Settings
@@ -28,19 +29,6 @@ from lbproxy.policies.dqn import DqnPolicy, create_dqn_runtime
 from lbproxy.rl.batcher import InferenceEngine
 from lbproxy.rl.network import QNetwork, RowScorer
 from lbproxy.telemetry import Metrics
-
-
-def column_net(column: int, sign: float, hidden: int = 16) -> QNetwork:
-    """A network whose backend score is sign x one feature column (a backend is known by its
-    behaviour only: no network can prefer a slot)."""
-    net = QNetwork(hidden=hidden)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.row_x.weight[0, column] = 1.0
-        net.row2.weight[0, 0] = 1.0
-        net.score.weight[0, 0] = sign
-    return net
 
 
 def slow_lover() -> QNetwork:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gated_engine import GatedEngine
+from nets import column_net
 
 from lbproxy.config import Settings
 from lbproxy.observe import F_LOG_IN_FLIGHT, MAX_BACKENDS, ClusterView, Outcome, encode_state
@@ -144,13 +145,7 @@ async def test_new_weights_reach_the_next_iteration() -> None:
     view = ClusterView.create(3)
     assert (await resolve(rt.policy.decide(0, view, now_s=0.0)))[0] == 0
     view.on_dispatch(0)
-    busiest = QNetwork(hidden=32)
-    with torch.no_grad():
-        for p in busiest.parameters():
-            p.zero_()
-        busiest.row_x.weight[0, F_LOG_IN_FLIGHT] = 1.0
-        busiest.row2.weight[0, 0] = 1.0
-        busiest.score.weight[0, 0] = 1.0  # prefers the busiest backend
+    busiest = column_net(F_LOG_IN_FLIGHT, 1.0, hidden=32)  # prefers the busiest backend
     rt.engine.publish(rt.engine.prepare(busiest.state_dict()))
     await asyncio.sleep(0)
     got = [(await resolve(rt.policy.decide(0, view, now_s=0.0)))[0] for _ in range(3)]

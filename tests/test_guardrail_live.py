@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from nets import column_net
 from support import Proc, start_backend, start_proxy
 
 from lbproxy.observe import F_LATENCY_ALL
 from lbproxy.rl.checkpoint import save_model
-from lbproxy.rl.network import QNetwork
 from loadgen.open_loop import poisson_schedule, run
 
 RATE_RPS = 300.0
@@ -26,14 +25,7 @@ MIX = (1.0, 0.0, 0.0)  # light requests only: one class gets every sample, so th
 
 def slowest_backend_model(path: Path) -> Path:
     """A model that sends every request to the backend with the highest latency: as bad as it gets."""
-    net = QNetwork(hidden=16)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.row_x.weight[0, F_LATENCY_ALL] = 1.0
-        net.row2.weight[0, 0] = 1.0
-        net.score.weight[0, 0] = 1.0
-    save_model(path, net, {"note": "deliberately bad: prefers the slowest backend"})
+    save_model(path, column_net(F_LATENCY_ALL, 1.0), {"note": "deliberately bad: prefers the slowest backend"})
     return path
 
 

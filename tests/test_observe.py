@@ -221,5 +221,3 @@ def test_window_stats_summary() -> None:
     assert s.decisions == 4 and s.accuracy == 0.75 and s.error_rate == 0.25
     assert s.gini == 0.0 and s.p50_s == 0.02 and s.p99_s == 0.04
     assert s.mean_reward == pytest.approx(-(0.1 / 0.01) / 4 - w.error_penalty / 4)
-
-

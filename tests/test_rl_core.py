@@ -13,6 +13,7 @@ from typing import NoReturn
 import numpy as np
 import pytest
 import torch
+from nets import column_net
 
 from lbproxy.config import Settings
 from lbproxy.observe import F_LOG_IN_FLIGHT, F_VALID, ROW_FEATURES, ClusterView, Outcome, encode_state, feature_dim
@@ -197,7 +198,7 @@ def test_td_target_is_double_dqn_over_valid_actions_only() -> None:
     rows[:, :, F_VALID] = 1.0
     rows[:, :, F_LOG_IN_FLIGHT] = torch.arange(N_ACTIONS, dtype=torch.float32)
     for net, sign in ((learner.online, 1.0), (learner.target, -1.0)):
-        make_column_net(net, F_LOG_IN_FLIGHT, sign)
+        column_net(F_LOG_IN_FLIGHT, sign, net=net)
     batch = batch._replace(next_obs=obs)
     mask = torch.zeros(4, N_ACTIONS, dtype=torch.bool)
     mask[0, [1, 5]] = True  # online picks 5 (15 is masked out), target scores it -5
@@ -281,20 +282,10 @@ def test_masked_argmax_never_picks_a_masked_action() -> None:
     assert torch.equal(q.masked_fill(~mask, -1e9).max(dim=1).values, q[torch.arange(2000), a])
 
 
-def make_column_net(net: QNetwork, column: int, sign: float) -> None:
-    """Weights whose backend score is sign x `column` of the row (>= 0 columns pass the ReLUs)."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.zero_()
-        net.row_x.weight[0, column] = 1.0
-        net.row2.weight[0, 0] = 1.0
-        net.score.weight[0, 0] = sign
-
-
 def test_agent_never_chooses_an_unavailable_backend() -> None:
     """Greedy and exploring alike choose among `view.candidates` only, even where Q prefers another."""
     learner = Learner(small_cfg())
-    make_column_net(learner.online, F_LOG_IN_FLIGHT, 1.0)  # prefers the busiest backend
+    column_net(F_LOG_IN_FLIGHT, 1.0, net=learner.online)  # prefers the busiest backend
     view = ClusterView.create(4)
     for _ in range(3):
         view.on_dispatch(2)

@@ -39,7 +39,7 @@ from lbproxy.observe import (
     feature_dim,
     is_accurate,
     learning_width,
-    outcome_reward,
+    reward,
 )
 from lbproxy.policies.base import Decision, NoBackendAvailable, Policy
 from lbproxy.proxy.batched_metrics import BatchedHistogram
@@ -160,7 +160,7 @@ class DqnPolicy:
         learner: BackgroundLearner | ProcessLearner | None = None,
         table: DecisionTable | None = None,
         epsilon: Callable[[int], float] | None = None,
-        error_penalty: float = 20.0,
+        error_penalty: float = 50.0,
         seed: int = 0,
         tracker: EpisodeTracker | None = None,
         bootstrap: bool = True,
@@ -507,7 +507,9 @@ class DqnPolicy:
             guard.record(outcome.req_class, by_fallback, outcome.latency_s, outcome.error, now_s)
         if rec is None or self.learner is None:
             return
-        self._joined[rec.req_class].append((rec, outcome_reward(outcome, view, self.error_penalty)))
+        self._joined[rec.req_class].append(
+            (rec, reward(outcome.latency_s, outcome.error, view.typical_all_s, self.error_penalty))
+        )
         self._join_now_s = now_s
         if not self._join_armed:
             self._join_view = view

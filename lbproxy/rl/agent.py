@@ -31,7 +31,7 @@ from lbproxy.observe import (
     action_mask,
     encode_state,
     feature_dim,
-    outcome_reward,
+    reward,
     state_width,
 )
 from lbproxy.policies.base import NoBackendAvailable
@@ -150,7 +150,7 @@ class DqnAgent:
             self.dropped += 1
             return
         state, action, req_class = rec
-        r = outcome_reward(outcome, view, self.cfg.error_penalty)
+        r = reward(outcome.latency_s, outcome.error, view.typical_all_s, self.cfg.error_penalty)
         if self.cfg.gamma > 0.0:
             next_state = encode_state(view, req_class, now_s, self.width)
             next_mask = action_mask(view, self.width, out=self._mask)
