@@ -221,3 +221,31 @@ def test_window_stats_summary() -> None:
     assert s.decisions == 4 and s.accuracy == 0.75 and s.error_rate == 0.25
     assert s.gini == 0.0 and s.p50_s == 0.02 and s.p99_s == 0.04
     assert s.mean_reward == pytest.approx(-(0.1 / 0.01) / 4 - w.error_penalty / 4)
+
+
+@pytest.mark.parametrize("n", [1, 3, 9, 16])
+def test_the_loop_and_vector_encodings_agree(n: int) -> None:
+    """encode_state builds rows in a Python loop for small pools and with NumPy for large ones: the
+    same numbers, including imputed classes, never-measured backends and non-candidates."""
+    from lbproxy.observe import _rows_loop, _rows_vector
+
+    rng = np.random.default_rng(n)
+    v = ClusterView.create(n)
+    for k in range(15 * n):
+        i = int(rng.integers(n))
+        v.on_dispatch(i)
+        st = 0.01 * (1 + rng.random()) if rng.random() < 0.5 else None
+        out = Outcome(
+            i, int(rng.integers(2)), 0.02 * rng.random(), bool(rng.random() < 0.1), -1, st, int(rng.integers(3))
+        )
+        v.on_complete(out, k * 0.001)
+    for _ in range(2 * n):
+        v.on_dispatch(int(rng.integers(n)))
+    if n > 2:
+        v.set_available(1, False)
+    for c in range(3):  # class 2 was never seen: imputed everywhere
+        a, b = np.zeros((n, ROW_FEATURES), np.float32), np.zeros((n, ROW_FEATURES), np.float32)
+        typ, typ_all = v.typical_s[c], v.typical_all_s
+        _rows_loop(v, c, 1.0, typ, typ_all, a)
+        _rows_vector(v, c, 1.0, typ, typ_all, b)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
