@@ -351,18 +351,14 @@ C_CLASS = 0
 """Context: request-class one-hot (NUM_CLASSES columns)."""
 C_LOG_COUNT = NUM_CLASSES
 """log(candidate count)."""
-C_LOAD = NUM_CLASSES + 1
+C_LOG_SCALE = NUM_CLASSES + 1
+"""log10(typical latency of the class / 1 s): the log-absolute term (about -2 for a 10 ms service)."""
+C_LOAD = NUM_CLASSES + 2
 """Total in-flight / total observed concurrency (dynamic: enters only the action-independent value)."""
-C_LOG_TOTAL = NUM_CLASSES + 2
+C_LOG_TOTAL = NUM_CLASSES + 3
 """log1p(total in-flight) (dynamic, ditto)."""
-C_LOG_SCALE = NUM_CLASSES + 3
-"""log10(typical latency of the class / 1 s): the log-absolute term (about -2 for a 10 ms service). It
-enters only the action-independent value, never a backend's score, so decisions are exactly invariant
-to the time scale. Measured 2026-12-01: with it in the scores, the model conditioned on the absolute
-scale and on slow clusters (light requests ~0.2-0.5 s) was 2.1-2.8x least_conn's p99, where the same
-clusters 100x faster were 1.0-1.3x; pinning the term to a constant halved the worst ratios."""
 CONTEXT_FEATURES = NUM_CLASSES + 4
-STATIC_CONTEXT = NUM_CLASSES + 1
+STATIC_CONTEXT = NUM_CLASSES + 2
 """Context columns before C_LOAD: the ones the per-backend scores may read."""
 
 
@@ -420,7 +416,7 @@ def encode_state(
     Rows of slots that are not candidates, and padding rows beyond `view.n`, are all zero (F_VALID = 0:
     masked out of the pooled summary and of the action space). Every latency is divided by the
     cluster's own typical latency (`view.typical_s`), so a 5 ms and a 500 ms application with the same
-    shape of load read the same; C_LOG_SCALE alone says which one it is (and only the value reads it).
+    shape of load read the same; C_LOG_SCALE alone says which one it is.
     """
     if width < view.n:
         raise ValueError(f"a state of {width} rows cannot hold {view.n} backends")

@@ -154,16 +154,3 @@ def test_the_pooled_summary_reads_no_dispatch_dependent_column() -> None:
     assert net.static.in_features == STATIC_FEATURES < ROW_FEATURES
     x = torch.zeros(1, feature_dim(4))
     assert net(x).shape == (1, 4)
-
-
-def test_decisions_do_not_depend_on_the_absolute_time_scale() -> None:
-    """The log-absolute scale term enters only the action-independent value: two states that differ in
-    it alone give Q-values that differ by one constant, so every decision is the same at 5 ms and 500 ms."""
-    from lbproxy.observe import C_LOG_SCALE
-
-    net = random_net(7)
-    x = encode_state(random_view(6, 7), 0, 1.0, 8)
-    y = x.copy()
-    y[8 * ROW_FEATURES + C_LOG_SCALE] += 2.0
-    diff = torch_q(net, y)[0] - torch_q(net, x)[0]
-    np.testing.assert_allclose(diff, diff[0], atol=1e-5)

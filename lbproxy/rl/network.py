@@ -14,8 +14,7 @@ backends. Layout, with H = `hidden` and S = `summary`:
     Q_b = V + A_b
 
 The pooled summary reads only the columns a dispatch does not change (observe.STATIC_FEATURES), and
-the context columns a dispatch does change (total in-flight) enter only V, which every backend shares;
-so does the log-absolute time scale, which keeps decisions exactly scale-invariant (observe.C_LOG_SCALE).
+the context columns a dispatch does change (total in-flight) enter only V, which every backend shares.
 So a dispatch to b changes exactly A_b: the live policy re-scores one row per decision, exactly
 (policies/dqn.py), instead of re-running the network. Small on purpose (~10k parameters): a decision
 must cost microseconds on a CPU, and the problem is close to a contextual bandit.
