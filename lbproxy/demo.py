@@ -2,7 +2,7 @@
 how it compares with the heuristics on the same load.
 
 1. starts the heterogeneous emulated cluster of the default scenario (curriculum.toml) on free ports;
-2. runs the proxy in live train mode (dqn, initialised from the shipped simulator-trained model when
+2. runs the proxy in live train mode (dqn, initialised from the shipped general model when
    there is one) while Locust plays phases 1–3 (loadgen/phases.py), printing a progress line every few
    seconds (phase, requests/s, p99, reward, ε) read from the proxy's /metrics;
 3. replays the same Locust shape and seed against the proxy serving the learned model greedily and
@@ -41,7 +41,8 @@ EXIT_INTERRUPTED = 130
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = Path(__file__).resolve().parent / "sim" / "scenarios" / "curriculum.toml"
-"""The simulator's default training scenario: the shipped model was trained on exactly this cluster."""
+"""The cluster the demo starts (four emulated servers, one class-skewed). The shipped model never saw
+it: it was trained on generated clusters (lbproxy/sim/generator.py), like any cluster a user brings."""
 LOCUSTFILE = REPO / "loadgen" / "phases.py"
 COMPARE_POLICIES = ("dqn", "round_robin", "least_conn", "p2c", "peak_ewma")
 
