@@ -64,8 +64,9 @@ LOOKAHEAD_LEVELS = 4
 """Inline: what-if rows scored per backend at a time. A snapshot's pass scores each backend as it is
 (all a lone request needs); the first time a decision of the snapshot finds a dispatched backend's
 next score missing, every candidate is scored after 1..4 more dispatches in ONE row pass (the
-iteration has several requests: they will need them), and later a backend that runs out gets 4 more
-the same way. Scores are exact whatever the count (observe.DispatchModel); this only batches them."""
+iteration has several requests: they will need them), and later a backend that runs out gets as many
+more as it has (doubling) the same way. Scores are exact whatever the count (observe.DispatchModel);
+this only batches them."""
 
 OFF_LOOP_LEVELS = 8
 """Off-loop: an off-loop pass scores every backend after 0..7 more dispatches in one device pass (8
@@ -318,7 +319,10 @@ class DqnPolicy:
         snap.stale.clear()
         counts = snap.counts
         starts = [len(levels[b]) for b in slots]
-        ends = [max(counts[b] + 1, start + LOOKAHEAD_LEVELS) for b, start in zip(slots, starts, strict=True)]
+        # Doubling: a backend that keeps taking dispatches in one iteration gets 4, 8, 16, ... more at a time.
+        ends = [
+            max(counts[b] + 1, start + max(LOOKAHEAD_LEVELS, start)) for b, start in zip(slots, starts, strict=True)
+        ]
         which = np.repeat(np.asarray(slots, dtype=np.intp), np.subtract(ends, starts))
         extra = np.concatenate([np.arange(a, e, dtype=np.float64) for a, e in zip(starts, ends, strict=True)])
         got = self.engine.score(scorer, snap.model.rows_after(which, extra)).tolist()
