@@ -23,6 +23,16 @@ from pydantic_settings import (
 )
 
 from lbproxy.observe import ERROR_PENALTY, MAX_BACKENDS
+from lbproxy.outlier import (
+    LATENCY_EJECT_COMPLETIONS,
+    LATENCY_EJECT_FACTOR,
+    LATENCY_EJECT_MIN_BACKENDS,
+    LATENCY_EJECT_MIN_SAMPLES,
+    SLOW_START_AGGRESSION,
+    SLOW_START_MIN_WEIGHT_PERCENT,
+    SLOW_START_WINDOW_S,
+)
+from lbproxy.retry import PER_TRY_TIMEOUT_S, RETRY_BUDGET_PERCENT, RETRY_MIN_CONCURRENCY
 
 POLICY_NAMES = ("round_robin", "random", "least_conn", "p2c", "peak_ewma", "sed", "prequal", "c3", "dqn")
 
@@ -120,8 +130,8 @@ class Settings(BaseSettings):
     total_timeout_s: float = Field(60.0, gt=0, description="Upstream total request timeout (s); 504 past it.")
     retry: bool = Field(
         True,
-        description="Retry idempotent requests once on another backend after a connect "
-        "error or a stale keep-alive disconnect.",
+        description="Retry idempotent requests without a body once on another backend after a connect "
+        "error, a stale keep-alive disconnect, a 5xx response or a per-try timeout, within the retry budget.",
     )
     access_log: bool = Field(False, description="Log every request (costs ~10% throughput).")
     health_interval_s: float = Field(2.0, ge=0, description="Active health check interval (s); 0 disables.")
@@ -145,6 +155,66 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="Below this share of available backends, route to all of them (Envoy's panic mode, default 50%).",
+    )
+    # Latency ejection, slow start and retry limits: rules, defaults and sources in lbproxy/outlier.py
+    # and lbproxy/retry.py.
+    latency_eject_factor: float = Field(
+        LATENCY_EJECT_FACTOR,
+        ge=0,
+        description="Eject a backend whose latency for a request class stays above this multiple of the median "
+        "of the available backends' (a latency outlier, ejected like one that errors); 0 disables.",
+    )
+    latency_eject_completions: int = Field(
+        LATENCY_EJECT_COMPLETIONS, ge=1, description="Completions in a row above that before a latency ejection."
+    )
+    latency_eject_min_samples: int = Field(
+        LATENCY_EJECT_MIN_SAMPLES,
+        ge=1,
+        description="Completions of a class since a backend was (re)admitted before its latency is judged or "
+        "counts in the median.",
+    )
+    latency_eject_min_backends: int = Field(
+        LATENCY_EJECT_MIN_BACKENDS,
+        ge=2,
+        description="Available backends (with enough samples) needed to judge latency outliers.",
+    )
+    slow_start_window_s: float = Field(
+        SLOW_START_WINDOW_S,
+        ge=0,
+        description="Slow start: a backend added at runtime or recovered by active health checks ramps up to "
+        "its full share of requests over this many seconds, for every policy (Envoy slow_start_config, whose "
+        "default 0 is off); 0 disables.",
+    )
+    slow_start_aggression: float = Field(
+        SLOW_START_AGGRESSION,
+        gt=0,
+        description="Slow-start ramp: share = max(min weight, (t / window) ^ (1 / aggression)); 1 = linear "
+        "(Envoy default).",
+    )
+    slow_start_min_weight_percent: float = Field(
+        SLOW_START_MIN_WEIGHT_PERCENT,
+        ge=0,
+        le=100,
+        description="Share a slow-starting backend starts at, in % of its fair share (Envoy default: 10).",
+    )
+    retry_budget_percent: float = Field(
+        RETRY_BUDGET_PERCENT,
+        ge=0,
+        le=100,
+        description="Retry budget: concurrent retries stay within this share of active requests, so retries "
+        "cannot multiply an outage (Envoy retry_budget default: 20%).",
+    )
+    retry_min_concurrency: int = Field(
+        RETRY_MIN_CONCURRENCY,
+        ge=0,
+        description="Concurrent retries allowed whatever the budget (Envoy min_retry_concurrency default: 3).",
+    )
+    per_try_timeout_s: float = Field(
+        PER_TRY_TIMEOUT_S,
+        ge=0,
+        description="How long a first try that could be retried waits for the response head before it is "
+        "abandoned and retried on another backend (s; Envoy per_try_timeout); a hung backend then costs this, "
+        "not --read-timeout-s. Only when the retry budget and another backend allow a retry; 0 disables.",
     )
 
     # --- learning ----------------------------------------------------------------------------------

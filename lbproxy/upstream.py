@@ -1,10 +1,13 @@
-"""Backends and the pool that owns the shared `ClusterView`: health, outlier ejection, runtime changes.
+"""Backends and the pool that owns the shared `ClusterView`: health checks, ejection timers, runtime changes.
 
 Statistics (in-flight, peak-EWMA latency, error rate, service time) live only in the ClusterView and
 change only through `view.on_dispatch` / `view.on_complete`, the same calls the simulator makes, so
 the DQN sees identical features live and simulated. This module decides *availability*: a backend
 is available when it is not removed, passes active health checks and is not ejected. Policies pick
-among `view.candidates`, which the pool keeps right, including Envoy's panic mode.
+among `view.candidates`, which the pool keeps right. The rules themselves (outlier ejection by errors
+and by latency, panic mode, slow start) are lbproxy/outlier.py's, shared with the simulator; this
+module applies them to live backends and owns what they leave to the caller: timers, health probes,
+listeners, the admin view.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ import aiohttp
 
 from lbproxy.config import BackendSpec, ConfigError
 from lbproxy.observe import MAX_BACKENDS, ClusterView, Outcome
-
-MAX_EJECTION_S = 300.0
-"""Cap on one ejection (Envoy outlier detection `max_ejection_time` default: 300 s)."""
+from lbproxy.outlier import OutlierConfig, OutlierDetector, SlowStart, route_candidates
+from lbproxy.retry import PER_TRY_TIMEOUT_S, RETRY_BUDGET_PERCENT, RETRY_MIN_CONCURRENCY
 
 
 @dataclass(slots=True)
@@ -34,12 +36,10 @@ class Backend:
     index: int
     host: str
     port: int
+    outlier: OutlierDetector = field(repr=False)
+    """The pool's detector, which holds this slot's ejection state."""
     healthy: bool = True
     removed: bool = False
-    consecutive_failures: int = 0
-    times_ejected: int = 0
-    ejected_until_s: float = 0.0
-    """Loop time the current ejection ends; 0 when not ejected."""
     health_passes: int = 0
     health_fails: int = 0
     requests: int = 0
@@ -54,8 +54,21 @@ class Backend:
         return self.spec.url
 
     @property
+    def consecutive_failures(self) -> int:
+        return self.outlier.consecutive_failures[self.index]
+
+    @property
+    def times_ejected(self) -> int:
+        return self.outlier.times_ejected[self.index]
+
+    @property
+    def ejected_until_s(self) -> float:
+        """Loop time the current ejection ends; 0 when not ejected."""
+        return self.outlier.ejected_until_s[self.index]
+
+    @property
     def ejected(self) -> bool:
-        return self.ejected_until_s > 0.0
+        return self.outlier.ejected[self.index]
 
     @property
     def available(self) -> bool:
@@ -63,13 +76,14 @@ class Backend:
 
 
 @dataclass(slots=True)
-class PoolConfig:
-    """The settings the pool acts on (a subset of Settings, so the simulator-free tests can build one)."""
+class PoolConfig(OutlierConfig):
+    """The settings the pool acts on (a subset of Settings, so the simulator-free tests can build one):
+    the outlier rules, active health checks, and the cluster's retry settings, which the forwarder
+    reads from here (Envoy configures the retry budget per upstream cluster too)."""
 
-    eject_consecutive_failures: int = 5
-    eject_base_s: float = 30.0
-    max_ejection_percent: float = 50.0
-    panic_threshold_percent: float = 50.0
+    retry_budget_percent: float = RETRY_BUDGET_PERCENT
+    retry_min_concurrency: int = RETRY_MIN_CONCURRENCY
+    per_try_timeout_s: float = PER_TRY_TIMEOUT_S
     health_interval_s: float = 2.0
     health_path: str = "/health"
     health_rise: int = 2
@@ -88,12 +102,21 @@ class Pool:
     def __init__(self, specs: Sequence[BackendSpec], config: PoolConfig | None = None) -> None:
         if not specs:
             raise ConfigError("no backends configured; pass --backends URL[,URL] or --cluster-file FILE")
-        self.config = config or PoolConfig()
+        cfg = self.config = config or PoolConfig()
         self.view = ClusterView.create(len(specs), capacity=[s.weight for s in specs])
+        self.outlier = OutlierDetector(cfg, self.view.available)
+        self.slow_start = SlowStart(
+            cfg.slow_start_window_s, cfg.slow_start_aggression, cfg.slow_start_min_weight_percent
+        )
+        self._slow_since = self.slow_start.since_s  # the hot path tests this dict (empty: nothing to do)
+        self.clock: Callable[[], float] = time.monotonic
+        """Slow start's clock (its calls carry no loop time)."""
+        self._base: list[int] = []
+        """The candidates before slow start takes its share out."""
         self.backends: list[Backend] = []
         for i, spec in enumerate(specs):
             host, port = _host_port(spec.url)
-            self.backends.append(Backend(spec=spec, index=i, host=host, port=port))
+            self.backends.append(Backend(spec=spec, index=i, host=host, port=port, outlier=self.outlier))
         self._check_unique_names()
         self.panic = False
         self.listeners: list[Callable[[Backend], None]] = []
@@ -115,47 +138,29 @@ class Pool:
         return [b for b in self.backends if not b.removed]
 
     def recompute(self) -> None:
-        """Refresh `view.available` and `view.candidates` after any health/ejection/membership change.
-
-        Panic mode (Envoy): when fewer than `panic_threshold_percent` of the (not removed) backends
-        are available, route over all of them: overloading a few survivors usually turns a partial
-        outage into a total one, and health verdicts are often wrong in bulk.
-        """
+        """Refresh `view.available` and `view.candidates` after any health/ejection/membership change:
+        the available backends (all of them in panic mode), less slow start's share (outlier.py)."""
         view = self.view
         for b in self.backends:
             view.available[b.index] = b.available
-        active = [b.index for b in self.backends if not b.removed]
-        healthy = [b.index for b in self.backends if b.available]
-        threshold = self.config.panic_threshold_percent
-        self.panic = bool(active) and len(healthy) * 100.0 < threshold * len(active)
-        view.candidates = active if self.panic else healthy
+        present = [not b.removed for b in self.backends]
+        base, self.panic = route_candidates(view.available, present, self.config.panic_threshold_percent)
+        self._base = base
+        view.candidates = base if self.panic else self.slow_start.candidates(base, view.capacity)
 
     def _changed(self, b: Backend) -> None:
+        if not b.available:
+            self.slow_start.end(b.index)  # Envoy: a backend that fails leaves slow start
         self.recompute()
         for fn in self.listeners:
             fn(b)
 
-    # --- passive outlier detection (Envoy consecutive_5xx semantics) ---------------------------------
-    def record_result(self, b: Backend, failed: bool, now_s: float) -> bool:
-        """Count a 5xx / connect failure / timeout (failed) or a success. Returns True if this ejected b."""
-        if not failed:
-            b.consecutive_failures = 0
-            return False
-        b.consecutive_failures += 1
-        if b.consecutive_failures < self.config.eject_consecutive_failures or b.ejected or b.removed:
-            return False
-        return self.eject(b, now_s)
-
+    # --- passive outlier detection (the rules: lbproxy/outlier.py) ------------------------------------
     def eject(self, b: Backend, now_s: float) -> bool:
-        active = self.active
-        ejected = sum(1 for x in active if x.ejected)
-        # Envoy: never exceed max_ejection_percent, but always allow ejecting at least one host.
-        if ejected >= 1 and (ejected + 1) * 100.0 > self.config.max_ejection_percent * len(active):
+        """Eject b unless the max_ejection_percent cap refuses; True if it did."""
+        duration = self.outlier.eject(b.index, now_s)
+        if duration is None:
             return False
-        b.times_ejected += 1
-        duration = min(self.config.eject_base_s * b.times_ejected, max(MAX_EJECTION_S, self.config.eject_base_s))
-        b.ejected_until_s = now_s + duration
-        b.consecutive_failures = 0
         with contextlib.suppress(RuntimeError):  # no running loop (unit use): `expire` un-ejects
             b._unejector = asyncio.get_running_loop().call_later(duration, self._uneject, b)
         self._changed(b)
@@ -163,26 +168,30 @@ class Pool:
 
     def expire(self, now_s: float) -> None:
         """Un-eject backends whose ejection ended (safety net for the timers; called once a second)."""
-        for b in self.backends:
-            if b.ejected and now_s >= b.ejected_until_s:
-                if b._unejector is not None:
-                    b._unejector.cancel()
-                self._uneject(b)
+        for i in self.outlier.expired(now_s):
+            b = self.backends[i]
+            if b._unejector is not None:
+                b._unejector.cancel()
+            self._uneject(b)
 
     def _uneject(self, b: Backend) -> None:
         b._unejector = None
         if b.ejected:
-            b.ejected_until_s = 0.0
+            self.outlier.uneject(b.index)
             self._changed(b)
 
     # --- dispatch / completion ------------------------------------------------------------------
     def on_dispatch(self, i: int) -> None:
         self.view.on_dispatch(i)
         self.backends[i].requests += 1
+        if self._slow_since and self.slow_start.on_dispatch(i, self.clock()) and not self.panic:
+            self.view.candidates = self.slow_start.candidates(self._base, self.view.capacity)
 
     def on_complete(self, out: Outcome, now_s: float, failed: bool) -> None:
+        """Statistics, then the outlier rules: a 5xx / connect failure / timeout (failed) or a success."""
         self.view.on_complete(out, now_s)
-        self.record_result(self.backends[out.backend], failed, now_s)
+        if self.outlier.record(out.backend, out.req_class, out.latency_s, failed):
+            self.eject(self.backends[out.backend], now_s)
 
     # --- runtime membership ---------------------------------------------------------------------
     def find(self, name: str) -> Backend | None:
@@ -198,9 +207,11 @@ class Pool:
         if self.view.n >= MAX_BACKENDS:
             raise ValueError(f"all {MAX_BACKENDS} backend slots are used (removed slots are not reused)")
         idx = self.view.add_backend(spec.weight)
+        self.outlier.add_slot()
         host, port = _host_port(spec.url)
-        b = Backend(spec=spec, index=idx, host=host, port=port)
+        b = Backend(spec=spec, index=idx, host=host, port=port, outlier=self.outlier)
         self.backends.append(b)
+        self.slow_start.begin(idx, self.clock())
         self._changed(b)
         return b
 
@@ -210,6 +221,7 @@ class Pool:
         if b is None:
             raise KeyError(name)
         b.removed = True
+        self.outlier.remove(b.index)
         if b._unejector is not None:
             b._unejector.cancel()
             b._unejector = None
@@ -218,7 +230,7 @@ class Pool:
 
     # --- active health checks -------------------------------------------------------------------
     def start_health_checks(self, session: aiohttp.ClientSession) -> None:
-        if self.config.health_interval_s > 0 and self._health_task is None:
+        if self.config.health_interval_s > 0 and self.config.health_path and self._health_task is None:
             self._session = session
             self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
 
@@ -262,6 +274,8 @@ class Pool:
             b.health_passes += 1
             if not b.healthy and b.health_passes >= self.config.health_rise:
                 b.healthy = True
+                self.outlier.readmit(b.index)
+                self.slow_start.begin(b.index, self.clock())
                 self._changed(b)
         else:
             b.health_passes = 0
@@ -274,6 +288,7 @@ class Pool:
     def describe(self, now_s: float) -> list[dict[str, object]]:
         """JSON-able state of each slot, for GET /admin/backends."""
         v = self.view
+        clock = self.clock()
         out: list[dict[str, object]] = []
         for b in self.backends:
             i = b.index
@@ -292,6 +307,8 @@ class Pool:
                     "ejected_for_s": round(b.ejected_until_s - now_s, 3) if b.ejected else None,
                     "times_ejected": b.times_ejected,
                     "consecutive_failures": b.consecutive_failures,
+                    # share of its fair share slow start allows now (lbproxy/outlier.py); None: not ramping
+                    "slow_start_factor": round(f, 3) if (f := self.slow_start.factor(i, clock)) < 1.0 else None,
                     "in_flight": v.in_flight[i],
                     "latency_cost_s": _finite(v.decayed_cost(i, now_s)),
                     "error_rate": _finite(v.error_rate[i]),

@@ -25,6 +25,7 @@ from lbproxy.proxy.batched_metrics import BatchedCounter, BatchedHistogram
 from lbproxy.proxy.headers import forwarded_items, request_head, response_headers
 from lbproxy.proxy.quality import QualityWindow
 from lbproxy.proxy.upstream_client import UpstreamClient
+from lbproxy.retry import RetryBudget
 from lbproxy.telemetry import Metrics
 from lbproxy.upstream import Pool
 
@@ -49,6 +50,7 @@ _CONNECT_TIMEOUT = ("connect_timeout", 504, True)
 _DISCONNECT = ("disconnect", 502, True)
 _TIMEOUT = ("timeout", 504, False)
 _BAD_RESPONSE = ("bad_response", 502, False)
+_PER_TRY_TIMEOUT = ("per_try_timeout", 504, True)  # abandoned by the per-try timer (lbproxy/retry.py)
 
 
 def _classify(exc: BaseException) -> tuple[str, int, bool]:
@@ -115,6 +117,11 @@ class Forwarder:
         self._durations: dict[int, BatchedHistogram] = {}
         self._errors: dict[tuple[int, str], Any] = {}
         self._self_names: set[str] | None = None
+        cfg = pool.config  # the cluster's retry settings (lbproxy/retry.py)
+        self.retry_budget = RetryBudget(cfg.retry_budget_percent, cfg.retry_min_concurrency)
+        self.per_try_timeout_s = cfg.per_try_timeout_s
+        self._abandoned: set[asyncio.Task[Any]] = set()
+        """Handler tasks whose first try the per-try timer cancelled (told apart from any other cancel)."""
 
     # --- metric children, resolved once per key --------------------------------------------------
     def _label(self, idx: int) -> str:
@@ -193,6 +200,28 @@ class Forwarder:
             return idx if idx in others else others[0]
         return min(others, key=lambda i: view.in_flight[i] / max(view.capacity[i], 1e-9))
 
+    def _retry_to(self, failed: int, cls: int, kind: str) -> int | None:
+        """Where to retry a request that failed on `failed`, if anywhere: another backend (the same one
+        only after a stale keep-alive disconnect), and only with a slot in the retry budget."""
+        if not self.retry_budget.allows(self.active):
+            return None
+        other = self._choose_other(failed, cls, self.loop.time())
+        if other is None and kind == "disconnect":
+            # A keep-alive connection the backend closed as we reused it: with no other backend, the
+            # same one on a fresh connection is the safe retry.
+            other = failed
+        if other is None or not self.retry_budget.try_acquire(self.active):
+            return None
+        self.metrics.retries.inc()
+        return other
+
+    def _per_try_expired(self, task: asyncio.Task[Any], idx: int) -> None:
+        """A first try outlived the per-try timeout: abandon it, but only if its retry can happen now
+        (another candidate, room in the budget); otherwise it waits on under the read timeout."""
+        if self.retry_budget.allows(self.active) and any(i != idx for i in self.view.candidates):
+            self._abandoned.add(task)
+            task.cancel()
+
     def _complete(
         self,
         idx: int,
@@ -265,11 +294,17 @@ class Forwarder:
             return _text(503)
         attempt = 0
         fresh = False
+        # Per-try timeout: a timer on the first try of a request that could be retried (lbproxy/retry.py).
+        task = asyncio.current_task() if retry_ok and self.per_try_timeout_s > 0 else None
         while True:
             self.quality.record_decision(idx, cls)
             queued = self.view.in_flight[idx]  # ahead of it at the backend (Outcome.queued_behind)
             self.pool.on_dispatch(idx)
             t_start = self.loop.time()
+            timer = None
+            if task is not None and attempt == 0:
+                timer = self.loop.call_later(self.per_try_timeout_s, self._per_try_expired, task, idx)
+            failure: tuple[str, int, bool] | None = None
             try:
                 resp: Any
                 if headers is None:
@@ -280,24 +315,45 @@ class Forwarder:
                     resp = await self.session.request(
                         method, self._url(idx, target), headers=headers, data=data, allow_redirects=False
                     )
+            except asyncio.CancelledError:
+                if task is None or task not in self._abandoned:
+                    raise
+                self._abandoned.discard(task)
+                if task.uncancel():  # cancelled by someone else as well: let that one through
+                    raise
+                failure = _PER_TRY_TIMEOUT
             except Exception as exc:  # every failure must complete the dispatch (in-flight accounting)
-                kind, status, retryable = _classify(exc)
+                failure = _classify(exc)
+            finally:
+                if timer is not None:
+                    timer.cancel()  # before any other await: the timer must never cancel a later one
+            if attempt:
+                self.retry_budget.release()  # the retry's slot is held until its answer (or failure)
+            if failure is not None:
+                kind, status, retryable = failure
                 self._error(idx, kind)
                 self._complete(idx, did, cls, t_start, status, True, None, queued)
                 if retry_ok and retryable and attempt == 0:
-                    other = self._choose_other(idx, cls, self.loop.time())
-                    if other is None and kind == "disconnect":
-                        # A keep-alive connection the backend closed as we reused it: with no other
-                        # backend, the same one on a fresh connection is the safe retry.
-                        other = idx
+                    other = self._retry_to(idx, cls, kind)
                     if other is not None:
                         # Always a fresh connection: the other backend's pooled ones may be just as
                         # stale (backends' idle timeouts often fire together after a lull), and
                         # there is only this one retry.
-                        self.metrics.retries.inc()
                         idx, did, attempt, fresh = other, -1, 1, True
                         continue
                 return _text(status)
+            if retry_ok and attempt == 0 and resp.status >= 500:
+                # Envoy retry_on 5xx: a body-less idempotent request is replayed on another backend;
+                # this answer is dropped (its connection kept if the body already came with the head).
+                other = self._retry_to(idx, cls, "5xx")
+                if other is not None:
+                    if resp.content.is_eof():
+                        resp.release()
+                    else:
+                        resp.close()
+                    self._complete(idx, did, cls, t_start, resp.status, True, None, queued)
+                    idx, did, attempt, fresh = other, -1, 1, False
+                    continue
             break
         return await self._relay(request, resp, method, idx, did, cls, t_start, queued)
 

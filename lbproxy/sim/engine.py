@@ -18,11 +18,13 @@ after their time):
 - recover: back to the baseline (up with idle workers, slowdown 1, the server's own error_rate),
   as a restarted backend process is; the view marks it available again at once.
 
-Outlier ejection, as the live proxy does it (Settings.eject_consecutive_failures / eject_base_s /
-max_ejection_percent; the scenario's [scenario] keys of the same names, same defaults): after that
-many consecutive errors from a server the view marks it unavailable for eject_base_s x the number
-of times it was ejected. Without it, a crashed server that fails fast looks like the fastest one to
-latency-driven policies until health checks notice, and attracts all traffic (a "black hole").
+Which servers a policy may choose follows lbproxy/outlier.py, the rules the live pool applies: outlier
+ejection after consecutive errors or a sustained latency far above the other servers' (the scenario's
+eject_consecutive_failures / eject_base_s / max_ejection_percent keys, the proxy's defaults for the
+rest), panic mode when fewer than half the servers are available, and slow start for a server that
+recovers after health checks had marked it down (a restarted process). Without ejection, a crashed
+server that fails fast looks like the fastest one to latency-driven policies until health checks
+notice, and attracts all traffic (a "black hole").
 
 Event order and the Policy contract (what the DQN's next state depends on). For each arrival at t,
 first every completion and fault with time <= t is processed in time order; a completion calls
@@ -64,6 +66,7 @@ from lbproxy.observe import (
     WindowSummary,
     reward,
 )
+from lbproxy.outlier import OutlierConfig, OutlierDetector, SlowStart, route_candidates
 from lbproxy.policies.base import Policy
 from lbproxy.sim.arrivals import ArrivalStream
 from lbproxy.sim.scenario import Scenario
@@ -142,11 +145,20 @@ class Simulator:
         self._down = [False] * n
         self._crash_epoch = [0] * n
         self._detected = [False] * n  # health checks see it down
-        self._ejected = [False] * n  # outlier detection took it out
-        self._times_ejected = [0] * n
-        self._consecutive_errors = [0] * n
-        # 0 disables outlier ejection: no count ever reaches an infinite threshold.
-        self._eject_after = scenario.eject_consecutive_failures or _INF
+        rules = OutlierConfig(
+            eject_consecutive_failures=scenario.eject_consecutive_failures,  # 0 disables
+            eject_base_s=scenario.eject_base_s,
+            max_ejection_percent=scenario.max_ejection_percent,
+        )
+        self._panic_threshold = rules.panic_threshold_percent
+        self.outlier = OutlierDetector(rules, self.view.available)
+        self.slow_start = SlowStart(
+            rules.slow_start_window_s, rules.slow_start_aggression, rules.slow_start_min_weight_percent
+        )
+        self._present = [True] * n
+        self.panic = False
+        self._base = self.view.candidates
+        """The candidates before slow start takes its share out."""
         self._workers = [[0.0] * s.workers for s in servers]
         self._pending: list[tuple[float, int, int, int, float, bool, float, int]] = []
         """(finish, decision id, server, class, latency, error, service time, queued behind)"""
@@ -254,7 +266,7 @@ class Simulator:
             self._eject(ref, t)
             return
         if kind == _UNEJECT:
-            self._ejected[ref] = False
+            self.outlier.uneject(ref)
             self._update_available(ref)
             return
         f = self.scenario.faults[ref]
@@ -271,8 +283,11 @@ class Simulator:
             if self._down[i]:
                 self._down[i] = False
                 self._workers[i][:] = [t] * len(self._workers[i])
-            self._detected[i] = False
-            self._update_available(i)
+            if self._detected[i]:  # health checks had marked it down: it comes back in slow start
+                self._detected[i] = False
+                self.outlier.readmit(i)
+                self.slow_start.begin(i, t)
+                self._update_available(i)
             self._slowdown[i] = 1.0
             for c in range(NUM_CLASSES):
                 self._mean[c][i] = self._base_mean[c][i]
@@ -286,19 +301,34 @@ class Simulator:
         self._refresh_rates()
 
     def _update_available(self, i: int) -> None:
-        self.view.set_available(i, not (self._detected[i] or self._ejected[i]))
+        """Server i's availability changed (or its slow start began): new candidates (outlier.py)."""
+        view = self.view
+        available = not (self._detected[i] or self.outlier.ejected[i])
+        view.available[i] = available
+        if not available:
+            self.slow_start.end(i)
+        self._base, self.panic = route_candidates(view.available, self._present, self._panic_threshold)
+        view.candidates = self._base if self.panic else self.slow_start.candidates(self._base, view.capacity)
+
+    def _slow_start_dispatch(self, i: int, t: float) -> None:
+        if self.slow_start.on_dispatch(i, t) and not self.panic:
+            self.view.candidates = self.slow_start.candidates(self._base, self.view.capacity)
 
     def _eject(self, i: int, t: float) -> None:
-        """Outlier ejection as the live proxy does it (Envoy's consecutive-5xx detector): out for
-        eject_base_s x the number of times ejected, unless max_ejection_percent are out already."""
-        sc = self.scenario
-        if self._ejected[i] or (sum(self._ejected) + 1) * 100.0 > sc.max_ejection_percent * self.n:
-            return
-        self._ejected[i] = True
-        self._times_ejected[i] += 1
-        self._consecutive_errors[i] = 0
-        self._push_control(t + sc.eject_base_s * self._times_ejected[i], _UNEJECT, i, 0)
-        self._update_available(i)
+        """Outlier ejection (outlier.py): out for its duration unless the percentage cap refuses."""
+        duration = self.outlier.eject(i, t)
+        if duration is not None:
+            self._push_control(t + duration, _UNEJECT, i, 0)
+            self._update_available(i)
+
+    # The detector's state, by the names the tests read.
+    @property
+    def _ejected(self) -> list[bool]:
+        return self.outlier.ejected
+
+    @property
+    def _times_ejected(self) -> list[int]:
+        return self.outlier.times_ejected
 
     # --- the event loop -------------------------------------------------------------------------------
     def run(self, policy: Policy, n_decisions: int, *, record: bool = True) -> EpisodeResult:
@@ -326,8 +356,8 @@ class Simulator:
         crash_at = self._crash_at
         rates = self._rates
         in_flight = view.in_flight
-        consecutive = self._consecutive_errors
-        eject_after = self._eject_after
+        judge = self.outlier.record
+        slow_since = self.slow_start.since_s  # empty unless a server is in slow start
         reports = self.scenario.reports_service_time
         next_ctrl = control[0][0] if control else _INF
         latencies: list[float] = []
@@ -358,12 +388,9 @@ class Simulator:
                         lat_append(lat)
                         if er:
                             errors += 1
-                            consecutive[b] += 1
-                            if consecutive[b] >= eject_after:
-                                self._eject(b, fin)
-                                next_ctrl = control[0][0]
-                        elif consecutive[b]:
-                            consecutive[b] = 0
+                        if judge(b, c, lat, er):
+                            self._eject(b, fin)
+                            next_ctrl = control[0][0] if control else _INF
                     else:
                         break
                 c = classes[k]
@@ -384,6 +411,8 @@ class Simulator:
                         accurate += 1
                 qb = in_flight[i]
                 on_dispatch(i)
+                if slow_since:
+                    self._slow_start_dispatch(i, t)
                 load[i] += 1
                 if down[i]:
                     fin = t + CONNECT_FAIL_S
@@ -415,12 +444,8 @@ class Simulator:
             lat_append(lat)
             if er:
                 errors += 1
-                consecutive[b] += 1
-                if consecutive[b] >= eject_after:  # decided now, applied when the clock gets there
-                    consecutive[b] = 0
-                    self._push_control(fin, _EJECT, b, 0)
-            elif consecutive[b]:
-                consecutive[b] = 0
+            if judge(b, c, lat, er):  # decided now, applied when the clock gets there
+                self._push_control(fin, _EJECT, b, 0)
             if fin > t_last:
                 ghosts.append((fin, b))
         for fin, b in ghosts:
