@@ -134,8 +134,34 @@ class Settings(BaseSettings):
         "error, a stale keep-alive disconnect, a 5xx response or a per-try timeout, within the retry budget.",
     )
     access_log: bool = Field(False, description="Log every request (costs ~10% throughput).")
-    health_interval_s: float = Field(2.0, ge=0, description="Active health check interval (s); 0 disables.")
-    health_path: str = Field("/health", description="Path probed by active health checks.")
+    client_header_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        description="Time a client has to send a complete request head, from connecting or from its first "
+        "byte after a keep-alive idle (s); 408 and close past it (slowloris). 0 disables. Apache "
+        "mod_reqtimeout's header=20; nginx client_header_timeout is 60.",
+    )
+    client_body_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="Longest pause between two reads of a request body (s); 408 past it (nginx "
+        "client_body_timeout). 0 disables.",
+    )
+    max_body_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Largest request body accepted (bytes); 413 past it, without buffering it (nginx "
+        "client_max_body_size; ours defaults to 1 GiB, since bodies stream). 0 = no limit.",
+    )
+    health_interval_s: float = Field(
+        2.0, ge=0, description="Active health check interval (s), when --health-path is set; 0 disables."
+    )
+    health_path: str = Field(
+        "",
+        description="Path probed by active health checks (e.g. /health); empty (the default) = no active "
+        "checks: backends are judged by their answers (outlier ejection), as in Envoy and HAProxy, "
+        "since most web apps serve no health path and would all be marked down.",
+    )
     health_rise: int = Field(2, ge=1, description="Consecutive passing checks that mark a backend healthy.")
     health_fall: int = Field(3, ge=1, description="Consecutive failing checks that mark a backend unhealthy.")
     eject_consecutive_failures: int = Field(

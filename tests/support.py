@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -148,3 +149,90 @@ def running(*procs: Proc) -> Iterator[tuple[Proc, ...]]:
     finally:
         for proc in procs:
             proc.stop()
+
+
+class CaptureServer:
+    """A raw-socket HTTP/1.1 server that records each request's exact body bytes (a real socket, so
+    nothing in between can decompress or re-encode); replies 200 with the byte count."""
+
+    def __init__(self, extra_reply_headers: bytes = b"") -> None:
+        self.extra = extra_reply_headers
+        self.sock = socket.socket()
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen()
+        self.sock.settimeout(0.1)  # accept() polls `_stop`, so close() can end the thread
+        self._stop = threading.Event()
+        self.port = self.sock.getsockname()[1]
+        self.bodies: list[bytes] = []
+        self.heads: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        """One thread per connection: a client stalled mid-body must not hold up the others."""
+        with conn, contextlib.suppress(OSError, ConnectionError, ValueError):
+            conn.settimeout(30.0)
+            self._one(conn)
+
+    def _one(self, conn: socket.socket) -> None:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            self.heads.append(head)  # recorded on arrival: a request cut mid-body still reached us
+            length = 0
+            chunked = False
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+                chunked |= name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower()
+            if chunked:
+                body, data = self._chunked(conn, data)
+            else:
+                while len(data) < length:
+                    more = conn.recv(65536)
+                    if not more:
+                        return  # the proxy gave up on this request mid-body
+                    data += more
+                body, data = data[:length], data[length:]
+            self.bodies.append(body)
+            reply = str(len(body)).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (self.extra, len(reply), reply))
+
+    @staticmethod
+    def _chunked(conn: socket.socket, data: bytes) -> tuple[bytes, bytes]:
+        """A chunked body (the proxy re-chunks uploads of unknown length); returns (body, rest)."""
+        body = b""
+        while True:
+            while b"\r\n" not in data:
+                data += conn.recv(65536)
+            size_line, _, data = data.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            while len(data) < size + 2:
+                more = conn.recv(65536)
+                if not more:
+                    raise ConnectionError("chunked body cut short")
+                data += more
+            if size == 0:
+                return body, data[2:]
+            body, data = body + data[:size], data[size + 2 :]
+
+    def close(self) -> None:
+        """Call after the proxy stopped (its connections are closed, so every `_one` has returned)."""
+        self._stop.set()
+        self.thread.join(30)
+        self.sock.close()

@@ -9,12 +9,13 @@ import importlib.util
 import io
 import statistics
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
-from support import REPO
+from support import REPO, Proc, running, start_proxy
 
 from backends import foreign_app
 from loadgen.open_loop import poisson_schedule
@@ -86,6 +87,39 @@ def test_foreign_cluster_looks_like_ordinary_web_servers() -> None:
         assert cluster.settle(timeout_s=10) == []
     for proc in cluster.procs:
         assert proc.popen.poll() is not None  # all stopped on the way out
+
+
+def readyz(proxy: Proc) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"{proxy.admin_url}/readyz", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.read().decode()
+
+
+@needs_gunicorn
+def test_default_health_checks_suit_backends_without_a_health_path() -> None:
+    """Ordinary web apps serve no /health. By default the proxy probes nothing (Envoy and HAProxy check
+    only when told to), so they stay in rotation; told a path they do not serve, the proxy says why
+    it routes in panic mode, on /readyz and in its log."""
+    fast = ("--health-interval-s", "0.1", "--health-fall", "2")
+    with start_foreign_cluster((1, 1), speed=4.0) as cluster:
+        with running(start_proxy(cluster.urls, *fast)) as (proxy,):
+            time.sleep(1.0)  # ten intervals: a probe, had there been one, would have marked both down
+            assert readyz(proxy) == (200, "ready: 2 of 2 backends available\n")
+            with urllib.request.urlopen(proxy.url + "/api/light", timeout=5) as resp:
+                assert resp.status == 200
+        with running(start_proxy(cluster.urls, *fast, "--health-path", "/health")) as (proxy,):
+            deadline = time.monotonic() + 10
+            while readyz(proxy)[0] == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            code, text = readyz(proxy)
+            assert code == 503 and "2 failing active health checks on /health" in text, text
+            with urllib.request.urlopen(proxy.url + "/api/light", timeout=5) as resp:
+                assert resp.status == 200  # panic mode: still routed over all of them
+        assert "panic mode: 2 of 2 backends are unavailable" in proxy.output()
+        assert "unset --health-path" in proxy.output()
 
 
 def test_policy_configs_skip_unknown_policies() -> None:

@@ -5,17 +5,15 @@ test_proxy_faults.py."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import http.client
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import LOOPBACK, Proc, free_port, running, start_backend, start_proxy
+from support import LOOPBACK, CaptureServer, Proc, free_port, running, start_backend, start_proxy
 
 from lbproxy.proxy.headers import request_headers, response_headers
 
@@ -272,63 +270,6 @@ def test_gzip_passthrough(proxy: Proc) -> None:
     assert len(gzip.decompress(body)) == 20000  # compressed bytes arrived unchanged
 
 
-class CaptureServer:
-    """A raw-socket HTTP/1.1 server that records each request's exact body bytes (a real socket, so
-    nothing in between can decompress or re-encode); replies 200 with the byte count."""
-
-    def __init__(self, extra_reply_headers: bytes = b"") -> None:
-        self.extra = extra_reply_headers
-        self.sock = socket.socket()
-        self.sock.bind((LOOPBACK, 0))
-        self.sock.listen()
-        self.sock.settimeout(0.1)  # accept() polls `_stop`, so close() can end the thread
-        self._stop = threading.Event()
-        self.port = self.sock.getsockname()[1]
-        self.bodies: list[bytes] = []
-        self.heads: list[bytes] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while not self._stop.is_set():
-                try:
-                    conn, _ = self.sock.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    conn.settimeout(30.0)
-                    self._one(conn)
-
-    def _one(self, conn: Any) -> None:
-        data = b""
-        while True:
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, data = data.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            while len(data) < length:
-                data += conn.recv(65536)
-            body, data = data[:length], data[length:]
-            self.bodies.append(body)
-            reply = str(len(body)).encode()
-            self.heads.append(head)
-            conn.sendall(b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (self.extra, len(reply), reply))
-
-    def close(self) -> None:
-        """Call after the proxy stopped (its connections are closed, so `_one` has returned)."""
-        self._stop.set()
-        self.thread.join(30)
-        self.sock.close()
-
-
 def test_gzip_request_body_is_not_decompressed() -> None:
     capture = CaptureServer()
     try:
@@ -433,7 +374,8 @@ def test_quality_gauges_are_published(proxy: Proc) -> None:
 
 def test_add_and_remove_backend_at_runtime(cluster: tuple[Proc, Proc, Proc]) -> None:
     _, b1, b2 = cluster  # the module's backends, behind a second proxy that starts with b1 only
-    proxy = start_proxy([b1.url], "--policy", "round_robin")
+    # Slow start off: the ramp of an added backend is tested in test_retry_live.py; here, its full turn.
+    proxy = start_proxy([b1.url], "--policy", "round_robin", "--slow-start-window-s", "0")
     with running(proxy):
         admin = proxy.admin_port or 0
         body = json.dumps({"url": b2.url, "weight": 2}).encode()

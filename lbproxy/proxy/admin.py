@@ -41,9 +41,28 @@ async def readyz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     if not server.started:
         return web.Response(status=503, text="not ready: starting\n")
-    if any(server.view.available):  # not `candidates`: panic mode routes over unavailable backends too
-        return web.Response(text="ready\n")
-    return web.Response(status=503, text="not ready: no backend is available\n")
+    # not `candidates`: panic mode routes over unavailable backends too
+    return web.Response(status=200 if any(server.view.available) else 503, text=readiness(server) + "\n")
+
+
+def readiness(server: ProxyServer) -> str:
+    """One line: ready or not, and when backends are down, why (a health path they do not serve
+    looks exactly like an outage; saying which check failed tells the operator which it is)."""
+    active = server.pool.active
+    up = sum(1 for b in active if b.available)
+    unhealthy = sum(1 for b in active if not b.healthy)
+    ejected = sum(1 for b in active if b.ejected)
+    why: list[str] = []
+    if unhealthy:
+        why.append(f"{unhealthy} failing active health checks on {server.settings.health_path}")
+    if ejected:
+        why.append(f"{ejected} ejected as outliers")
+    detail = f" ({'; '.join(why)})" if why else ""
+    if up == 0:
+        return f"not ready: no backend is available, {len(active)} configured{detail}"
+    if server.pool.panic:
+        return f"ready: panic mode, {up} of {len(active)} backends available{detail}; routing over all of them"
+    return f"ready: {up} of {len(active)} backends available{detail}"
 
 
 async def list_backends(request: web.Request) -> web.Response:

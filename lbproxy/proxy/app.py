@@ -21,6 +21,7 @@ from lbproxy.config import ConfigError, Settings
 from lbproxy.proxy.admin import build_admin_app
 from lbproxy.proxy.forward import Forwarder
 from lbproxy.proxy.headers import UPSTREAM_SKIP_AUTO_HEADERS
+from lbproxy.proxy.http_server import GuardedServer
 from lbproxy.proxy.quality import QUALITY_WINDOW_S, QualityWindow
 from lbproxy.proxy.upstream_client import UpstreamClient
 from lbproxy.telemetry import Metrics
@@ -84,6 +85,7 @@ class ProxyServer:
         self.started = False
         """True once both listeners are bound (readyz answers 503 before, e.g. while the DQN loads)."""
         self._available_children: dict[int, Any] = {}
+        self._reported_panic = False
         self._reported_ejections: dict[int, int] = {}
         self.pool.listeners.append(self._on_backend_change)
 
@@ -151,9 +153,13 @@ class ProxyServer:
             listen_host=s.host,
             listen_port=lambda: self.port,
             fast=self.fast,
+            max_body_bytes=s.max_body_bytes,
+            body_timeout_s=s.client_body_timeout_s,
         )
-        server = web.Server(
+        server = GuardedServer(
             self.forwarder.handle,
+            header_timeout_s=s.client_header_timeout_s,
+            on_reject=self.forwarder.reject,
             access_log=logging.getLogger("aiohttp.access") if s.access_log else None,
             auto_decompress=False,  # Content-Encoding of request bodies passes through untouched
             keepalive_timeout=CLIENT_KEEPALIVE_S,
@@ -216,6 +222,22 @@ class ProxyServer:
             for b in self.pool.backends:
                 self.metrics.in_flight.labels(b.name).set(self.view.in_flight[b.index])
 
+    def _log_panic(self) -> None:
+        """Panic mode changes how every request is routed: say so once per change, with the why."""
+        active = self.pool.active
+        down = [b.name for b in active if not b.available]
+        if self.pool.panic:
+            why = f"{len(down)} of {len(active)} backends are unavailable ({', '.join(down)})"
+            log.warning(
+                "lbproxy: panic mode: %s, fewer than --panic-threshold-percent %g%% available; routing over all "
+                "of them. If they serve no %r, unset --health-path.",
+                why,
+                self.settings.panic_threshold_percent,
+                self.settings.health_path or "health path",
+            )
+        else:
+            log.warning("lbproxy: panic mode over: %d of %d backends available", len(active) - len(down), len(active))
+
     def _on_backend_change(self, b: Backend) -> None:
         if self.fast is not None:
             if b.removed:
@@ -226,6 +248,9 @@ class ProxyServer:
         if child is None:
             child = self._available_children[b.index] = self.metrics.available.labels(b.name)
         child.set(1.0 if b.available else 0.0)
+        if self.pool.panic != self._reported_panic:
+            self._reported_panic = self.pool.panic
+            self._log_panic()
         delta = b.times_ejected - self._reported_ejections.get(b.index, 0)
         if delta > 0:
             self.metrics.ejections.labels(b.name).inc(delta)

@@ -16,12 +16,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import CIMultiDict
 from yarl import URL
 
 from lbproxy.observe import ClusterView, Outcome, classify_path
 from lbproxy.policies.base import AsyncPolicy, NoBackendAvailable
 from lbproxy.proxy.batched_metrics import BatchedCounter, BatchedHistogram
+from lbproxy.proxy.body import ClientBodyError, GuardedBody, too_large
 from lbproxy.proxy.headers import forwarded_items, request_head, response_headers
 from lbproxy.proxy.quality import QualityWindow
 from lbproxy.proxy.upstream_client import UpstreamClient
@@ -68,6 +70,7 @@ def _classify(exc: BaseException) -> tuple[str, int, bool]:
 _STATUS_TEXT = {
     400: "bad request: the target must be a path, or an absolute URL naming this proxy (not an open proxy)\n",
     405: "CONNECT is not supported: lbproxy is a reverse proxy\n",
+    505: "HTTP version not supported: lbproxy speaks HTTP/1.0 and HTTP/1.1\n",
     502: "bad gateway: the backend could not be reached or sent an invalid response\n",
     503: "service unavailable: no backend is available\n",
     504: "gateway timeout: the backend did not answer in time\n",
@@ -93,6 +96,8 @@ class Forwarder:
         listen_host: str,
         listen_port: Callable[[], int],
         fast: UpstreamClient | None = None,
+        max_body_bytes: int = 0,
+        body_timeout_s: float = 0.0,
     ) -> None:
         self.pool = pool
         self.view: ClusterView = pool.view
@@ -105,6 +110,8 @@ class Forwarder:
         self.retry = retry
         self.listen_host = listen_host
         self.listen_port = listen_port
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.loop = asyncio.get_running_loop()
         self.active = 0
         self.idle = asyncio.Event()
@@ -255,16 +262,59 @@ class Forwarder:
             if self.active == 0:
                 self.idle.set()
 
+    def reject(self, status: int) -> None:
+        """Count a request refused before it reached the handler (http_server.GuardedRequestHandler)."""
+        self._count(-1, status)
+
+    def _refuse_framing(self, request: web.BaseRequest, has_body: bool) -> web.Response | None:
+        """What the parser lets through but a proxy must not forward (RFC 9112 §6.1, §2.3)."""
+        version = request.version
+        if version != HttpVersion11 and version != HttpVersion10:
+            self._count(-1, 505)
+            # aiohttp would answer in the client's version ("HTTP/2.0 505"): write our own status line.
+            text = _STATUS_TEXT[505].encode()
+            if request.transport is not None:
+                request.transport.write(
+                    b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text)
+                )
+                request.transport.close()
+            return _text(505)
+        if has_body:
+            te = request.headers.get(hdrs.TRANSFER_ENCODING)
+            if te is not None and (version != HttpVersion11 or te.strip().lower() != "chunked"):
+                # Codings other than a single `chunked` (e.g. "gzip, chunked"), or any Transfer-Encoding
+                # from an HTTP/1.0 client: two parties could frame this message differently.
+                self._count(-1, 400)
+                resp = _text(400, "bad request: Transfer-Encoding must be exactly 'chunked' (HTTP/1.1 only)\n")
+                resp.force_close()
+                return resp
+            length = request.content_length
+            if self.max_body_bytes and length is not None and length > self.max_body_bytes:
+                self._count(-1, 413)
+                resp = _text(413, too_large(self.max_body_bytes).text)
+                resp.force_close()  # do not read (or buffer) the body just to discard it
+                return resp
+        return None
+
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         method = request.method
         if method == hdrs.METH_CONNECT:
             self._count(-1, 405)
             return _text(405, headers={"Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"})
+        has_body = request.body_exists
+        refused = self._refuse_framing(request, has_body)
+        if refused is not None:
+            return refused
         target = request.raw_path
         host_override: str | None = None
         if not target.startswith("/"):
             parts = urlsplit(target)
-            if parts.scheme not in ("http", "https") or not self._is_self(parts.hostname, parts.port, request):
+            if (
+                parts.scheme not in ("http", "https")
+                or parts.username is not None  # RFC 9110 §4.2.4: userinfo in an http URI is an error
+                or not self._is_self(parts.hostname, parts.port, request)
+            ):
                 self._count(-1, 400)
                 return _text(400)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -275,8 +325,7 @@ class Forwarder:
             return _text(503)
         cls = int(classify_path(target))
         items = forwarded_items(request.headers, request.remote, "http", host_override)
-        has_body = request.body_exists
-        data = request.content if has_body else None
+        body = GuardedBody(request.content, self.max_body_bytes, self.body_timeout_s) if has_body else None
         headers: CIMultiDict[str] | None = None
         if has_body or self.fast is None:
             if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
@@ -313,7 +362,7 @@ class Forwarder:
                     resp = await self.fast.request(idx, method == hdrs.METH_HEAD, head, fresh)
                 else:
                     resp = await self.session.request(
-                        method, self._url(idx, target), headers=headers, data=data, allow_redirects=False
+                        method, self._url(idx, target), headers=headers, data=body, allow_redirects=False
                     )
             except asyncio.CancelledError:
                 if task is None or task not in self._abandoned:
@@ -323,6 +372,8 @@ class Forwarder:
                     raise
                 failure = _PER_TRY_TIMEOUT
             except Exception as exc:  # every failure must complete the dispatch (in-flight accounting)
+                if body is not None and body.error is not None:
+                    return self._client_body_failed(body.error, idx, did, cls, t_start, queued)
                 failure = _classify(exc)
             finally:
                 if timer is not None:
@@ -357,6 +408,16 @@ class Forwarder:
             break
         return await self._relay(request, resp, method, idx, did, cls, t_start, queued)
 
+    def _client_body_failed(
+        self, err: ClientBodyError, idx: int, did: int, cls: int, t_start: float, queued: int
+    ) -> web.Response:
+        """The client's body broke the limit or stalled: the exchange ends, the backend is not to blame."""
+        self._error(idx, "client_body")
+        self._complete(idx, did, cls, t_start, err.status, False, None, queued)
+        resp = _text(err.status, err.text)
+        resp.force_close()  # the rest of the body is unread: the connection cannot carry another request
+        return resp
+
     async def _relay(
         self,
         request: web.BaseRequest,
@@ -369,6 +430,13 @@ class Forwarder:
         queued: int,
     ) -> web.StreamResponse:
         status = resp.status
+        if status == 101:
+            # The request's Upgrade was stripped (hop-by-hop) and lbproxy tunnels nothing: a backend
+            # switching protocols anyway sent a response this proxy cannot relay.
+            resp.close()
+            self._error(idx, "bad_response")
+            self._complete(idx, did, cls, t_start, 502, True, None, queued)
+            return _text(502)
         st_raw = resp.headers.get(SERVICE_TIME_HEADER)
         service_time_s: float | None = None
         if st_raw is not None:
@@ -388,10 +456,11 @@ class Forwarder:
                 await out.write_eof()
             else:
                 length = resp.content_length
-                if length is not None and length <= SMALL_BODY_BYTES:
-                    content = resp.content
-                    # Usually the whole body arrived with the head: take it without another await.
-                    body = content.read_nowait() if content.is_eof() else await resp.read()
+                content = resp.content
+                if length is not None and length <= SMALL_BODY_BYTES and content.is_eof():
+                    # The whole (small) body arrived with the head: head and body in one write. A
+                    # small body still arriving streams like any other (long-polling, progress).
+                    body = content.read_nowait()
                     out = web.StreamResponse(status=status, reason=resp.reason, headers=out_headers)
                     reading = False
                     await out.prepare(request)
@@ -400,7 +469,6 @@ class Forwarder:
                     out = web.StreamResponse(status=status, reason=resp.reason, headers=out_headers)
                     reading = False
                     await out.prepare(request)
-                    content = resp.content
                     while True:
                         reading = True
                         chunk = await content.readany()

@@ -161,6 +161,10 @@ class UpstreamClient:
             assert proto.transport is not None
             proto.transport.write(head)
             message, payload = await proto.read()
+            while 100 <= message.code < 200 and message.code != 101:
+                # Interim responses (100 Continue, 103 Early Hints) precede the final one; a body-less
+                # request has nothing to continue, so they are dropped (aiohttp's client does the same).
+                message, payload = await proto.read()
         except BaseException:
             proto.close()
             raise
