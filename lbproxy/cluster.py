@@ -1,6 +1,7 @@
 """The cluster model, defined once: the emulated backends (`python -m backends --cluster F`), the
 simulator and the proxy's `--cluster-file` all read this schema, so a scenario trained in the
-simulator describes exactly the servers the launcher starts.
+simulator describes exactly the servers the launcher starts; `cluster_to_toml` writes it (the demo's
+cluster on free ports).
 
 Schema (TOML)::
 
@@ -23,6 +24,7 @@ Schema (TOML)::
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,3 +142,39 @@ def load_cluster(path: Path) -> ClusterSpec:
     except tomllib.TOMLDecodeError as exc:
         raise ClusterSpecError(f"{path}: not valid TOML: {exc}") from None
     return cluster_from_dict(data, where=str(path))
+
+
+def _toml_number(x: float) -> str:
+    """Short where that is exact (`speed = 2`, `heavy = 0.25`), otherwise every digit, so a written
+    cluster loads back as the same numbers."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
+def cluster_to_toml(spec: ClusterSpec, comment: str = "") -> str:
+    """The cluster as a file of the schema above (every key written out), which `load_cluster` reads
+    back as `spec`; `comment` becomes a first line `# comment`. The demo writes its cluster with it
+    (free ports), for the launcher, the proxy's `--cluster-file` and the user to read."""
+    svc = spec.service
+    lines = [f"# {comment}"] if comment else []
+    lines += [
+        "[service]",
+        f"distribution = {json.dumps(svc.distribution)}",
+        f"cv = {_toml_number(svc.cv)}",
+        *(f"{c}_ms = {_toml_number(m * 1000)}" for c, m in zip(CLASS_NAMES, svc.mean_s, strict=True)),
+    ]
+    for s in spec.servers:
+        # json.dumps: a JSON string with its escapes is a valid TOML basic string.
+        class_speed = ", ".join(f"{c} = {_toml_number(v)}" for c, v in zip(CLASS_NAMES, s.class_speed, strict=True))
+        lines += [
+            "",
+            "[[server]]",
+            f"name = {json.dumps(s.name)}",
+            f"host = {json.dumps(s.host)}",
+            f"port = {s.port}",
+            f"workers = {s.workers}",
+            f"speed = {_toml_number(s.speed)}",
+            f"class_speed = {{ {class_speed} }}",
+            f"error_rate = {_toml_number(s.error_rate)}",
+        ]
+    return "\n".join(lines) + "\n"

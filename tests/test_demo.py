@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lbproxy.demo import COMPARE_POLICIES, locust_args, parse_metrics, quantile_from_buckets
+from lbproxy.demo.locust_runs import locust_args
+from lbproxy.demo.metrics import parse_snapshot, quantile_from_buckets
+from lbproxy.demo.plan import COMPARE_POLICIES
 from loadgen import total_duration_s
 from tests.support import REPO
 
@@ -29,12 +31,25 @@ def test_quantile_from_buckets_interpolates_like_prometheus() -> None:
     assert quantile_from_buckets({0.1: 0.0, float("inf"): 0.0}, 0.99) != quantile_from_buckets(buckets, 0.99)
 
 
-def test_parse_metrics_reads_labels_and_values() -> None:
-    text = '# HELP x y\nlbproxy_requests_total{backend="a:1",code="200"} 5.0\nlbproxy_reward -0.25\n'
-    assert parse_metrics(text) == [
-        ("lbproxy_requests_total", {"backend": "a:1", "code": "200"}, 5.0),
-        ("lbproxy_reward", {}, -0.25),
-    ]
+def test_parse_snapshot_sums_requests_and_buckets_over_labels() -> None:
+    text = (
+        "# HELP lbproxy_requests_total Requests\n# TYPE lbproxy_requests_total counter\n"
+        'lbproxy_requests_total{backend="a:1",code="200"} 5.0\n'
+        'lbproxy_requests_total{backend="a:1",code="500"} 1.0\n'
+        'lbproxy_requests_total{backend="b:2",code="200"} 4.0\n'
+        "# TYPE lbproxy_request_duration_seconds histogram\n"
+        'lbproxy_request_duration_seconds_bucket{backend="a:1",le="0.01"} 2.0\n'
+        'lbproxy_request_duration_seconds_bucket{backend="a:1",le="+Inf"} 6.0\n'
+        'lbproxy_request_duration_seconds_bucket{backend="b:2",le="0.01"} 3.0\n'
+        'lbproxy_request_duration_seconds_bucket{backend="b:2",le="+Inf"} 4.0\n'
+        "# TYPE lbproxy_reward gauge\nlbproxy_reward -0.25\n"
+        "# TYPE lbproxy_learner_updates_total counter\nlbproxy_learner_updates_total 7.0\n"
+    )
+    snap = parse_snapshot(text, t=1.5)
+    assert (snap.t, snap.requests) == (1.5, 10.0)
+    assert snap.per_backend == {"a:1": 6.0, "b:2": 4.0}
+    assert snap.buckets == {0.01: 5.0, float("inf"): 10.0}
+    assert snap.gauges == {"lbproxy_reward": -0.25, "lbproxy_learner_updates_total": 7.0}
 
 
 def test_locust_args_squeeze_the_three_phases() -> None:
