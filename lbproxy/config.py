@@ -122,9 +122,23 @@ class Settings(BaseSettings):
     admin_host: str = Field(
         "127.0.0.1",
         description="Address of the admin listener (/metrics, /healthz, "
-        "/readyz, /admin/backends); loopback only by default.",
+        "/readyz, /admin/...); loopback only by default. Any other address needs an admin token.",
     )
     admin_port: int = Field(9180, ge=0, le=65535, description="Port of the admin listener.")
+    # Never printed or dumped (repr=False, exclude=True); read by lbproxy/proxy/admin.py.
+    admin_token: str | None = Field(
+        None,
+        repr=False,
+        exclude=True,
+        description="Bearer token that state-changing admin requests (POST/DELETE) must send as "
+        "`Authorization: Bearer TOKEN`; required when --admin-host is not loopback. At least 16 characters. "
+        "A flag shows in `ps`: prefer the environment or --admin-token-file.",
+    )
+    admin_token_file: Path | None = Field(
+        None,
+        description="File whose first line is the admin token (e.g. a Docker or Kubernetes secret); "
+        "instead of --admin-token.",
+    )
     connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout (s).")
     read_timeout_s: float = Field(30.0, gt=0, description="Upstream time to first byte / between reads (s).")
     total_timeout_s: float = Field(60.0, gt=0, description="Upstream total request timeout (s); 504 past it.")

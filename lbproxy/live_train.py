@@ -4,7 +4,9 @@ Episodes are `episode_decisions` routed decisions. Every `metrics_every` episode
 RUN_DIR/metrics/training_metrics.csv (same columns as the simulator trainer, phase = "live"); every
 `checkpoint_every` episodes a checkpoint goes to RUN_DIR/checkpoints/; on SIGINT/SIGTERM or after
 `--episodes` episodes the proxy stops accepting, drains in-flight requests, checkpoints and writes
-RUN_DIR/dqn_final.pth, then exits 0.
+RUN_DIR/dqn_final.pth, then exits 0: live training has no natural end, a stop signal is how it ends
+(the simulator trainer, whose run is unfinished when stopped, exits 143 instead). A SIGKILL loses
+only what came after the last checkpoint: checkpoints are written atomically (lbproxy/rl/checkpoint.py).
 
 Resume (`--resume`) restores weights, target, optimizer, update count, ε position and the episode
 counter. The replay buffer is NOT checkpointed live (100k transitions is ~70 MB per checkpoint, and
@@ -14,7 +16,6 @@ live traffic refills it in seconds); learning restarts once `learning_starts` tr
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 import time
@@ -32,7 +33,6 @@ CSV_FIELDS = TRAINING_METRIC_FIELDS
 LIVE_FORMAT = "lbproxy-live/1"
 PROGRESS_EVERY_EPISODES = 10
 DRAIN_TIMEOUT_S = 10.0
-CHECKPOINT_RE = re.compile(r"dqn_episode_(\d+)\.pth$")
 
 
 def merge_windows(windows: list[WindowStats]) -> WindowStats:
@@ -48,15 +48,6 @@ def merge_windows(windows: list[WindowStats]) -> WindowStats:
         out.errors += w.errors
         out.reward_sum += w.reward_sum
     return out
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    best: tuple[int, Path] | None = None
-    for p in ckpt_dir.glob("dqn_episode_*.pth"):
-        m = CHECKPOINT_RE.search(p.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return best[1] if best else None
 
 
 class LiveTrainer:
@@ -78,11 +69,11 @@ class LiveTrainer:
     # --- set-up ---------------------------------------------------------------------------------
     def _initial_state(self) -> tuple[Any, dict[str, Any] | None]:
         """(init network or None, learner state or None) from --resume / --init-model."""
-        from lbproxy.rl.checkpoint import CheckpointError, load_checkpoint, load_model
+        from lbproxy.rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
 
         s = self.settings
         if s.resume:
-            path = latest_checkpoint(self.ckpt_dir)
+            path = latest_checkpoint(self.run_dir)
             if path is None:
                 raise ConfigError(f"--resume: no checkpoint in {str(self.ckpt_dir)!r}; run without --resume to start")
             try:
@@ -195,9 +186,9 @@ class LiveTrainer:
         }
 
     def _save_checkpoint(self) -> Path:
-        from lbproxy.rl.checkpoint import save_checkpoint
+        from lbproxy.rl.checkpoint import checkpoint_path, save_checkpoint
 
-        path = self.ckpt_dir / f"dqn_episode_{self.episode:04d}.pth"
+        path = checkpoint_path(self.run_dir, self.episode)
         save_checkpoint(path, self._payload())
         return path
 
@@ -221,10 +212,14 @@ class LiveTrainer:
     # --- main -----------------------------------------------------------------------------------
     async def run(self) -> int:
         from lbproxy.proxy import ProxyServer
+        from lbproxy.proxy.admin import admin_token
+        from lbproxy.rl.checkpoint import remove_partial_writes
         from lbproxy.serve import tune_gc
 
         s = self.settings
+        admin_token(s)  # an exposed admin listener without a token: refuse before loading anything
         net, learner_state = self._initial_state()
+        remove_partial_writes(self.run_dir)  # a save cut by SIGKILL: never a checkpoint, only litter
         n = len(s.backends)
         tracker = EpisodeTracker(n, s.episode_decisions, s.error_penalty)
         self.rt = rt = create_dqn_runtime(

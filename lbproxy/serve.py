@@ -1,4 +1,10 @@
-"""`lbproxy --mode serve`: run the proxy with one policy until SIGINT/SIGTERM, then drain and exit 0."""
+"""`lbproxy --mode serve`: run the proxy with one policy until SIGINT/SIGTERM, then drain and exit 0.
+
+Stop: the listener closes first (new connections are refused), requests in flight get
+DRAIN_TIMEOUT_S to finish, responses streaming included, then the process exits 0.
+With `--policy dqn` and no learning, POST /admin/model swaps the served model at run time
+(lbproxy/proxy/admin.py); a bad file leaves the current one serving.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbproxy.config import ConfigError, Settings
 from lbproxy.telemetry import Metrics
+
+if TYPE_CHECKING:
+    from lbproxy.proxy import ProxyServer
 
 DRAIN_TIMEOUT_S = 10.0
 """In-flight requests get this long to finish after a stop signal (Kubernetes' default grace is 30 s)."""
@@ -44,29 +53,41 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-def build_policy(settings: Settings, metrics: Metrics) -> tuple[Any, list[Any]]:
-    """The policy object and the lifespans it needs (the DQN's learner/gauges); heuristics need none."""
+def build_policy(settings: Settings, metrics: Metrics) -> tuple[Any, list[Any], list[Any]]:
+    """The policy object, the lifespans it needs (the DQN's learner/gauges) and its admin routes
+    (the DQN's POST /admin/model); heuristics need neither."""
     if settings.policy == "dqn":
         from lbproxy.policies.dqn import create_dqn_runtime
+        from lbproxy.proxy.admin import model_routes
 
         rt = create_dqn_runtime(settings, None, metrics)
-        return rt.policy, [rt.lifespan]
+        return rt.policy, [rt.lifespan], model_routes(rt.reload_model if rt.learner is None else None)
     from lbproxy.policies import make_policy
 
-    return make_policy(settings.policy, settings.seed), []
+    return make_policy(settings.policy, settings.seed), [], []
 
 
-async def serve(settings: Settings) -> int:
+def build_server(settings: Settings, metrics: Metrics) -> ProxyServer:
+    """The serve-mode ProxyServer (not started): its policy with the policy's lifespans and admin routes.
+    ConfigError (one line) for no backends or an exposed admin listener without a token, checked
+    before a model is loaded."""
     from lbproxy.proxy import ProxyServer
+    from lbproxy.proxy.admin import admin_token
 
     if not settings.backends:
         raise ConfigError("no backends configured; pass --backends URL[,URL] or --cluster-file FILE")
-    if settings.access_log:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    metrics = Metrics()
-    policy, lifespans = build_policy(settings, metrics)
+    admin_token(settings)
+    policy, lifespans, routes = build_policy(settings, metrics)
     server = ProxyServer(settings, policy, metrics)
     server.lifespans.extend(lifespans)
+    server.admin_routes.extend(routes)
+    return server
+
+
+async def serve(settings: Settings) -> int:
+    if settings.access_log:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    server = build_server(settings, Metrics())
     await server.start()
     tune_gc()
     loop = asyncio.get_running_loop()

@@ -69,6 +69,20 @@ class Metrics:
             "lbproxy_inference_batch_size", "Decisions per forward pass", buckets=BATCH_BUCKETS, registry=r
         )
         self.episode = Gauge("lbproxy_episode", "Current training episode", registry=r)
+        # Faults that leave the proxy serving (SECURITY.md): alert on any increase.
+        self.learner_failures = Counter(
+            "lbproxy_learner_failures",
+            "Background learner thread/process deaths; routing goes on with the last published weights",
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "lbproxy_model_load_failures",
+            "Model files refused at run time (POST /admin/model); the current model keeps serving",
+            registry=r,
+        )
+        self.admin_denied = Counter(
+            "lbproxy_admin_denied", "Admin requests refused for a missing or wrong bearer token", registry=r
+        )
         # Guardrail (lbproxy/guardrail.py): both `to` children exist from the start, so rate() and
         # increase() see a 0 -> 1 step on the first switch instead of a series that appears from nowhere.
         self.guardrail_switches = Counter(

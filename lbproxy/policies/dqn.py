@@ -561,6 +561,8 @@ class DqnRuntime:
     replay: Any = None
     arch: dict[str, Any] | None = None
     batch_sizes: BatchedHistogram | None = None
+    model_arch: dict[str, Any] | None = None
+    """QNetwork.arch() of the served model (greedy serving): a CUDA engine swaps only same-shape weights."""
     _gauge_task: asyncio.Task[None] | None = None
     _reported_updates: int = 0
     _error_reported: bool = False
@@ -590,6 +592,7 @@ class DqnRuntime:
         self.policy.flush_joins()  # nothing joined is lost
         if self.learner is not None:
             await asyncio.to_thread(self.learner.stop)
+            self.check_learner()
         self.update_gauges()
         if self.learner is not None:
             self.learner.close()
@@ -622,11 +625,48 @@ class DqnRuntime:
                 guard.evaluate(loop.time())  # ~1-2 ms per tested class, once a second
             self.update_gauges()
             self.table_expire()
-            lrn = self.learner
-            if lrn is not None and lrn.error is not None and not self._error_reported:
-                # Routing goes on with the last published weights; say once why learning stopped.
-                print(f"lbproxy: learner stopped: {lrn.error!r}", file=sys.stderr)
-                self._error_reported = True
+            self.check_learner()
+
+    def check_learner(self) -> bool:
+        """A dead learner (thread or process) is reported once: one line, lbproxy_learner_failures_total.
+        Routing goes on with the last published weights (the guardrail still compares them with the
+        fallback); nothing else changes. Returns True once a failure was seen."""
+        lrn = self.learner
+        if lrn is None or lrn.error is None:
+            return False
+        if not self._error_reported:
+            self._error_reported = True
+            err = lrn.error
+            why = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            print(
+                f"lbproxy: learner stopped ({why}); routing goes on with the last published weights "
+                f"(model version {self.engine.version}), learning does not",
+                file=sys.stderr,
+                flush=True,
+            )
+            if self.metrics is not None:
+                self.metrics.learner_failures.inc()
+        return True
+
+    async def reload_model(self, path: Path) -> dict[str, Any]:
+        """POST /admin/model: load `path` off the loop, check it, swap it in for the next decision.
+        Any problem raises CheckpointError and leaves the current model serving."""
+        from lbproxy.rl.checkpoint import CheckpointError, load_model
+
+        if self.learner is not None:
+            raise CheckpointError(f"{path}: not loaded: the learner owns the weights while the proxy learns")
+        net, meta = await asyncio.to_thread(load_model, path, "cpu")
+        if self.engine.backend == "cuda" and self.model_arch is not None and net.arch() != self.model_arch:
+            raise CheckpointError(
+                f"{path}: network {net.arch()} differs from the one serving on the GPU ({self.model_arch}); "
+                "restart with --model to change its shape"
+            )
+        weights = await asyncio.to_thread(self.engine.prepare, net.state_dict())
+        self.engine.publish(weights)
+        self.model_arch = net.arch()
+        trained_by = meta.get("trained_by", meta.get("env"))
+        trained_by = None if trained_by is None else str(trained_by)[:200]
+        return {"model": str(path), "model_version": self.engine.version, "arch": net.arch(), "trained_by": trained_by}
 
     def table_expire(self) -> int:
         table = self.policy.table
@@ -714,6 +754,7 @@ def create_dqn_runtime(
         on_batch=batch_sizes.observe if batch_sizes is not None else None,
     )
     core = replay = None
+    model_arch: dict[str, Any] | None = None
     background: BackgroundLearner | ProcessLearner | None = None
     epsilon: Callable[[int], float] | None = None
     if learning:
@@ -750,6 +791,7 @@ def create_dqn_runtime(
             epsilon = lambda step: end  # noqa: E731
     else:
         engine.load_network(net)
+        model_arch = net.arch()
     guardrail = (
         Guardrail(
             control_share=settings.control_share,
@@ -781,4 +823,5 @@ def create_dqn_runtime(
         replay=replay,
         arch={"hidden": cfg.hidden, "width": width},
         batch_sizes=batch_sizes,
+        model_arch=model_arch,
     )

@@ -16,6 +16,10 @@ process (shared-memory replay and weights). The thread is the default: on 2 core
 higher and ran more updates per second (benchmarks/results/dqn_proxy.md); torch releases the GIL in
 its kernels, so only an update's Python glue competes with the loop, and the learner thread runs at
 a lower OS priority so routing comes first.
+
+Failure. Either learner dying (an update raising, the process killed or exiting) sets its `error`;
+the dqn runtime logs that once, counts it (`lbproxy_learner_failures_total`) and routing goes on
+with the last published weights: learning stops, serving does not.
 """
 
 from __future__ import annotations
@@ -265,7 +269,7 @@ class BackgroundLearner:
                 self._stop.wait(idle_s)
                 idle_s = min(2 * idle_s, IDLE_WAIT_MAX_S)
         except BaseException as exc:  # surfaced by the runtime's gauge task; routing goes on
-            self.error = exc
+            self.error = exc  # the thread ends here: no more updates, the last published weights stay
 
     def _update(self) -> None:
         with self._lock:
@@ -353,59 +357,67 @@ def _process_main(
     with contextlib.suppress(OSError):
         os.nice(int(boot["nice"]))
     shm = _Shm(specs, names)
-    head, stats, weights = shm.arrays["head"], shm.arrays["stats"], shm.arrays["weights"]
     replay = ReplayBuffer(boot["capacity"], boot["obs_dim"], boot["n_actions"], seed=boot["seed"] + 1)
     for f in _REPLAY_FIELDS:
         setattr(replay, f, shm.arrays[f])
     learner = Learner(DqnConfig(**boot["cfg"]), device=boot["device"])
     learner.load_state_dict(boot["learner"])
+    try:
+        _learn(conn, shm, replay, learner, boot)
+    except Exception as exc:  # one line to the parent (which logs and counts it), not a traceback
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"))
+    finally:
+        conn.close()
+        shm.close()
+
+
+def _learn(conn: Any, shm: _Shm, replay: Any, learner: Any, boot: dict[str, Any]) -> None:
+    """The learner process's loop: update at the pace the loop's transitions allow, until told to stop."""
+    head, stats, weights = shm.arrays["head"], shm.arrays["stats"], shm.arrays["weights"]
     ratio, starts, bs, every = boot["ratio"], boot["learning_starts"], boot["batch_size"], boot["weight_sync_every"]
     consumed = forgiven = 0
     updates = 0
     idle_s = IDLE_WAIT_S
-    try:
-        while not head[_H_STOP]:
-            if conn.poll(0):
-                msg = conn.recv()
-                if msg == "snapshot":
-                    conn.send({k: v for k, v in learner.state_dict().items()})
-                    continue
-                if msg == "stop":
-                    break
-            fed = int(head[_H_FED])
-            replay.size = int(head[_H_SIZE])
-            owed = int(fed * ratio) - consumed - forgiven
-            if replay.size < starts:
-                forgiven = max(forgiven, owed + forgiven)
-                owed = 0
-            if owed > MAX_UPDATE_DEBT:
-                forgiven += owed - MAX_UPDATE_DEBT
-                owed = MAX_UPDATE_DEBT
-            if owed <= 0:
-                time.sleep(idle_s)
-                idle_s = min(2 * idle_s, IDLE_WAIT_MAX_S)
+    while not head[_H_STOP]:
+        if conn.poll(0):
+            msg = conn.recv()
+            if msg == "snapshot":
+                conn.send({k: v for k, v in learner.state_dict().items()})
                 continue
-            idle_s = IDLE_WAIT_S
-            loss = float(learner.update(replay.sample(bs, learner.device)))
-            consumed += 1
-            updates += 1
-            head[_H_UPDATES] = updates
-            stats[_F_LAST_LOSS] = loss
-            stats[_F_LOSS_SUM] += loss
-            stats[_F_LOSS_N] += 1
-            if updates % every == 0:
-                # Double buffer: write the slot the reader is not on, then bump the version.
-                version = int(head[_H_VERSION]) + 1
-                slot = weights[version % 2]
-                off = 0
-                for v in learner.online.state_dict().values():
-                    n = v.numel()
-                    slot[off : off + n] = v.detach().reshape(-1).cpu().numpy()
-                    off += n
-                head[_H_VERSION] = version
-    finally:
-        conn.close()
-        shm.close()
+            if msg == "stop":
+                break
+        fed = int(head[_H_FED])
+        replay.size = int(head[_H_SIZE])
+        owed = int(fed * ratio) - consumed - forgiven
+        if replay.size < starts:
+            forgiven = max(forgiven, owed + forgiven)
+            owed = 0
+        if owed > MAX_UPDATE_DEBT:
+            forgiven += owed - MAX_UPDATE_DEBT
+            owed = MAX_UPDATE_DEBT
+        if owed <= 0:
+            time.sleep(idle_s)
+            idle_s = min(2 * idle_s, IDLE_WAIT_MAX_S)
+            continue
+        idle_s = IDLE_WAIT_S
+        loss = float(learner.update(replay.sample(bs, learner.device)))
+        consumed += 1
+        updates += 1
+        head[_H_UPDATES] = updates
+        stats[_F_LAST_LOSS] = loss
+        stats[_F_LOSS_SUM] += loss
+        stats[_F_LOSS_N] += 1
+        if updates % every == 0:
+            # Double buffer: write the slot the reader is not on, then bump the version.
+            version = int(head[_H_VERSION]) + 1
+            slot = weights[version % 2]
+            off = 0
+            for v in learner.online.state_dict().values():
+                n = v.numel()
+                slot[off : off + n] = v.detach().reshape(-1).cpu().numpy()
+                off += n
+            head[_H_VERSION] = version
 
 
 class ProcessLearner:
@@ -510,10 +522,28 @@ class ProcessLearner:
                     off += n
                 self.publish(self.prepare(sd))
                 self._seen_version = version
-        if self._proc is not None and not self._proc.is_alive() and self.error is None:
-            self.error = RuntimeError(f"learner process exited with code {self._proc.exitcode}")
+        dead = self._proc is not None and not self._proc.is_alive() and self.error is None
+        # Never wait on the loop: a checkpoint's snapshot() may hold the pipe; then try the next poll.
+        if dead and self._lock.acquire(blocking=False):
+            try:
+                if self.error is None:
+                    self.error = RuntimeError(self._exit_reason())
+            finally:
+                self._lock.release()
         if self._loop is not None and self._proc is not None:
             self._poll = self._loop.call_later(WEIGHT_POLL_S, self._poll_weights)
+
+    def _exit_reason(self) -> str:
+        """Why the learner process ended: the one line it sent before exiting, else its exit code
+        (e.g. -9: killed, by the OOM killer or an operator)."""
+        conn = self._conn
+        with contextlib.suppress(Exception):
+            while conn is not None and conn.poll(0):
+                msg = conn.recv()
+                if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "error":
+                    return f"learner process failed: {msg[1]}"
+        assert self._proc is not None
+        return f"learner process exited with code {self._proc.exitcode}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._poll is not None:
@@ -567,8 +597,15 @@ class ProcessLearner:
         with self._lock:
             if self._conn is None or not self.running:
                 return copy.deepcopy(self._last_snapshot_or_core())
-            self._conn.send("snapshot")
-            state = self._conn.recv()
+            try:
+                self._conn.send("snapshot")
+                state = self._conn.recv()
+            except (EOFError, OSError):  # died while answering: the last state it sent is what there is
+                state = ("error", f"exited with code {self._proc.exitcode if self._proc is not None else '?'}")
+            if not isinstance(state, dict):  # ("error", line): the process failed meanwhile
+                if self.error is None:
+                    self.error = RuntimeError(f"learner process failed: {state[1]}")
+                return copy.deepcopy(self._last_snapshot_or_core())
             self._last = state
             return dict(state)
 

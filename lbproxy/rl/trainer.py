@@ -19,15 +19,20 @@ Cost: the default run (6000 episodes x 256 decisions, 0.25 updates per decision 
 thread) took 491 CPU-seconds (~8.5 min of one core) on a 2-vCPU EPYC guest (2026-11-24); measured with
 `/usr/bin/time`, see lbproxy/models/dqn_default.json.
 
-Ctrl-C is handled between episodes: the first one finishes the running episode, saves a checkpoint
-of it and exits 130 with the command that resumes; a second one aborts at once.
+Stopping. Ctrl-C (SIGINT) and SIGTERM are handled between episodes: the first one finishes the
+running episode (well under a second at the default size), saves a checkpoint of it and exits with
+the command that resumes: 130 after SIGINT, 143 (128 + SIGTERM) after SIGTERM, the shell's codes
+for "stopped by that signal", so a supervisor (Kubernetes, systemd, a batch queue) sees an
+unfinished run, not a finished one. A second signal aborts at once. A SIGKILL at any moment loses
+only the episodes after the last checkpoint: `--resume` continues from it (writes are atomic, a
+temp file cut short is never taken for a checkpoint, and the CSV rows after it are dropped).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
-import re
 import signal
 import sys
 import time
@@ -52,11 +57,24 @@ from lbproxy.observe import (
     is_accurate,
 )
 from lbproxy.phases import phase_index_for_episode
+from lbproxy.rl.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_partial_writes,
+    save_checkpoint,
+    save_model,
+)
 from lbproxy.sim.suite import TrainingSet, train_sim_seed
 from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter
 
 TRAIN_FORMAT = "lbproxy-train/1"
 EXIT_INTERRUPTED = 130
+"""Exit code after SIGINT (Ctrl-C): checkpoint saved, run unfinished."""
+EXIT_TERMINATED = 128 + int(signal.SIGTERM)
+"""Exit code after SIGTERM (143): checkpoint saved, run unfinished; `--resume` continues it."""
 WARMUP_DECISIONS = 128
 """Decisions the SED oracle routes before each episode (not recorded, not learned from): enough for
 every backend of a 16-slot cluster to complete a few requests, so the latency features are warm and
@@ -87,8 +105,6 @@ FINGERPRINT_FIELDS = (
     "grad_clip",
     "error_penalty",
 )
-
-_CKPT_RE = re.compile(r"dqn_episode_(\d+)\.pth$")
 
 
 def fingerprint(settings: Settings, train_set: TrainingSet, episodes: int) -> dict[str, Any]:
@@ -203,56 +219,50 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def checkpoint_path(run_dir: Path, episode: int) -> Path:
-    return run_dir / "checkpoints" / f"dqn_episode_{episode:04d}.pth"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest episode number in RUN_DIR/checkpoints, if any."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.search(p.name))]
-    return max(found)[1] if found else None
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (each holds the whole replay buffer)."""
-    folder = run_dir / "checkpoints"
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.search(p.name)))
-    for _, path in found[:-keep]:
-        path.unlink(missing_ok=True)
-
-
-class _SigintLatch:
-    """First Ctrl-C sets a flag checked between episodes; a second one raises KeyboardInterrupt."""
+class _StopLatch:
+    """The first SIGINT/SIGTERM sets a flag checked between episodes; a second one raises
+    KeyboardInterrupt (abort now)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_TERMINATED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
+        if self.signum is not None:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nlbproxy: interrupt: finishing this episode and saving a checkpoint ...", file=sys.stderr)
+        self.signum = signum
+        what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+        print(f"\nlbproxy: {what}: finishing this episode and saving a checkpoint ...", file=sys.stderr, flush=True)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _sigint_latch() -> Iterator[_SigintLatch]:
-    latch = _SigintLatch()
+def _stop_latch() -> Iterator[_StopLatch]:
+    latch = _StopLatch()
     try:
-        previous = signal.signal(signal.SIGINT, latch)
-    except ValueError:  # not the main thread (e.g. called from a worker): no graceful Ctrl-C
+        previous = {sig: signal.signal(sig, latch) for sig in STOP_SIGNALS}
+    except ValueError:  # not the main thread (e.g. called from a worker): no graceful stop
         yield latch
         return
     try:
         yield latch
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _truncate_csv(path: Path, last_episode: int) -> None:
-    """On resume, drop rows written after the checkpoint (they will be written again, identically)."""
+    """On resume, drop rows written after the checkpoint (they will be written again, identically),
+    a row cut short by a SIGKILL included. Rewritten atomically: a kill meanwhile keeps the old file."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
@@ -261,9 +271,14 @@ def _truncate_csv(path: Path, last_episode: int) -> None:
     kept = [lines[0]]
     for line in lines[1:]:
         head = line.split(",", 1)[0]
-        if head.isdigit() and int(head) <= last_episode:
+        if head.isdigit() and int(head) <= last_episode and line.endswith("\n"):
             kept.append(line)
-    path.write_text("".join(kept))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as fh:
+        fh.write("".join(kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _format_eta(seconds: float) -> str:
@@ -288,7 +303,6 @@ def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
     """Train the DQN in the simulator; returns the exit code. `stop_after` (tests only) stops after
     that many episodes as if Ctrl-C had been pressed, so a run can be split and resumed exactly."""
     from lbproxy.rl.agent import DqnAgent
-    from lbproxy.rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_model
     from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
     from lbproxy.rl.replay import ReplayBuffer
 
@@ -361,8 +375,25 @@ def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
         raise ConfigError(
             f"{run_dir} already holds a training run; pass --resume to continue it or choose another --run-dir"
         )
+    else:
+        _truncate_csv(csv_path, 0)  # rows of a run killed before its first checkpoint: not this run's
+    remove_partial_writes(run_dir)  # a save cut by SIGKILL: never a checkpoint, only litter
+    final = run_dir / "dqn_final.pth"
+
+    def write_final(wall: float) -> None:
+        meta = {
+            "trained_by": "lbproxy --mode train --env sim",
+            "episodes": episodes,
+            "wall_s": round(wall, 1),
+            "device": str(device),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in fp.items()},
+        }
+        save_model(final, learner.online, meta)
+
     if start_episode >= episodes:
-        print(f"lbproxy: {run_dir} already finished {episodes} episodes; nothing to do", file=sys.stderr)
+        if not final.exists():  # killed between the last checkpoint and the final model
+            write_final(wall_before)
+        print(f"lbproxy: {run_dir} already finished {episodes} episodes; model {final}", file=sys.stderr)
         return 0
 
     def save(episode_done: int) -> Path:
@@ -393,7 +424,7 @@ def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
         file=sys.stderr,
     )
     try:
-        with _sigint_latch() as latch:
+        with _stop_latch() as latch:
             for ep in range(start_episode, episodes):
                 phase = min(phase_index_for_episode(ep, episodes), train_set.phase_count - 1)
                 s, _stats = run_episode(
@@ -449,19 +480,11 @@ def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
                         f"lbproxy: stopped after episode {done}; checkpoint saved. Resume with: {resume_cmd}",
                         file=sys.stderr,
                     )
-                    return EXIT_INTERRUPTED
+                    return latch.exit_code
     finally:
         writer.close()
 
     wall = wall_before + (time.perf_counter() - t0)
-    meta = {
-        "trained_by": "lbproxy --mode train --env sim",
-        "episodes": episodes,
-        "wall_s": round(wall, 1),
-        "device": str(device),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in fp.items()},
-    }
-    final = run_dir / "dqn_final.pth"
-    save_model(final, learner.online, meta)
+    write_final(wall)
     print(f"lbproxy: done: {episodes} episodes in {_format_eta(wall)}; model {final}", file=sys.stderr)
     return 0
