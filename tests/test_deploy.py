@@ -113,6 +113,7 @@ def test_lbproxy_ports_match_published_ports_and_backends() -> None:
     published = {int(str(p).split(":")[-1]) for p in lb["ports"]}
     assert {port, admin} <= published, f"--port {port} / --admin-port {admin} not published: {published}"
     assert lb["environment"]["LBPROXY_ADMIN_HOST"] == "0.0.0.0", "Prometheus must reach the admin port"
+    assert lb["environment"]["LBPROXY_HEALTH_PATH"] == "/health"  # what backends/app.py serves
     for spec in lb["environment"]["LBPROXY_BACKENDS"].split(","):
         url = spec.split("=")[0]
         host, backend_port = url.removeprefix("http://").split(":")
