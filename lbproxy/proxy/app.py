@@ -200,6 +200,7 @@ class ProxyServer:
             self.quality.publish()
         if self.forwarder is not None:
             self.forwarder.flush_metrics()
+            self.forwarder.close()
         if self.session is not None:
             await self.session.close()
             self.session = None
