@@ -182,7 +182,7 @@ def _pickled_global(path: Path) -> str | None:
                     strings = [*strings[-1:], arg]
                 if op.name not in _CODE_OPS:
                     continue
-                name = arg.replace(" ", ".") if op.name != "STACK_GLOBAL" else ".".join(strings)
+                name = ".".join(strings) if op.name == "STACK_GLOBAL" else str(arg).replace(" ", ".")
                 if not str(name).startswith(_SAFE_MODULES):
                     return str(name)
     except (ValueError, EOFError, OSError):
