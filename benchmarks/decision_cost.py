@@ -60,9 +60,10 @@ from lbproxy.observe import (  # noqa: E402
     learning_width,
 )
 from lbproxy.policies import HEURISTICS, PeakEwma, make_policy  # noqa: E402
+from lbproxy.rl.action_selection import best_candidate, masked_argmax  # noqa: E402
 from lbproxy.rl.agent import GreedyDqn, greedy_action  # noqa: E402
 from lbproxy.rl.batcher import InferenceEngine  # noqa: E402
-from lbproxy.rl.network import NumpyWeights, QNetwork, RowScorer, masked_argmax, numpy_masked_argmax, numpy_q  # noqa: E402
+from lbproxy.rl.network import NumpyWeights, QNetwork, RowScorer, numpy_q  # noqa: E402
 
 BACKEND_COUNTS = (4, 16, 64)
 HIDDEN = 64  # Settings.hidden default
@@ -192,7 +193,7 @@ def cases_for(n: int, net: QNetwork, iterations: int) -> dict[str, tuple[Step, i
     x_np = state[None, :].copy()
     m_np = action_mask(view, SERVING_WIDTH)[None, :]
     out[f"dqn: numpy_q + argmax, 1 state of {SERVING_WIDTH} rows"] = (
-        lambda: int(numpy_masked_argmax(numpy_q(weights, x_np), m_np)[0]),
+        lambda: best_candidate(numpy_q(weights, x_np)[0], view.candidates),
         slow,
     )
     x_t = torch.from_numpy(x_np)

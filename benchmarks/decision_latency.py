@@ -43,8 +43,9 @@ from common import command, load_routing_network, machine, write_result  # noqa:
 from lbproxy.observe import MAX_BACKENDS, ClusterView, DispatchModel, Outcome, encode_state, feature_dim  # noqa: E402
 from lbproxy.policies import make_policy  # noqa: E402
 from lbproxy.policies.base import AsyncPolicy  # noqa: E402
-from lbproxy.policies.dqn import OFF_LOOP_LEVELS, DqnPolicy  # noqa: E402
+from lbproxy.policies.dqn import DqnPolicy  # noqa: E402
 from lbproxy.rl.batcher import InferenceEngine  # noqa: E402
+from lbproxy.rl.iteration import OFF_LOOP_LEVELS  # noqa: E402
 
 CPU_BATCHES = (1, 2, 8, 32, 128, 512)
 GPU_BATCHES = (1, 8, 32, 128, 512, 2048, 8192)
@@ -97,7 +98,7 @@ def time_calls(fn: Callable[[], object], repeats: int) -> list[float]:
 
 
 def time_inline(engine: InferenceEngine, repeats: int) -> Samples:
-    """p50 and p99 (µs) of the dqn policy's inline pass over one snapshot (policies/dqn.py `_evaluate`)."""
+    """p50 and p99 (µs) of the dqn policy's inline pass over one snapshot (rl/iteration.py `_evaluate`)."""
     state = inputs(1)[0]
     model = DispatchModel(make_view(0), 0, state)
     cands = np.arange(BACKENDS)

@@ -30,7 +30,7 @@ from common import command, machine, write_result  # noqa: E402
 
 from lbproxy.config import Settings  # noqa: E402
 from lbproxy.observe import ClusterView, action_mask, encode_state, learning_width  # noqa: E402
-from lbproxy.policies.dqn import create_dqn_runtime  # noqa: E402
+from lbproxy.policies.dqn_runtime import create_dqn_runtime  # noqa: E402
 from lbproxy.rl.replay import TransitionBatch  # noqa: E402
 
 WARMUP_S = 60.0

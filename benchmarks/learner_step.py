@@ -47,9 +47,10 @@ from lbproxy.observe import (  # noqa: E402
     encode_state,
     feature_dim,
 )
+from lbproxy.rl.action_selection import best_candidate, masked_argmax  # noqa: E402
 from lbproxy.rl.agent import DqnAgent, GreedyDqn, greedy_action  # noqa: E402
 from lbproxy.rl.learner import DqnConfig, Learner  # noqa: E402
-from lbproxy.rl.network import NumpyWeights, masked_argmax, numpy_masked_argmax, numpy_q  # noqa: E402
+from lbproxy.rl.network import NumpyWeights, numpy_q  # noqa: E402
 from lbproxy.rl.replay import ReplayBuffer, TransitionBatch  # noqa: E402
 
 READING = """Reading: with torch's default intra-op threads (one per core) a small update is not faster,
@@ -182,7 +183,7 @@ def forward_rows(cfg: DqnConfig, trials: int) -> list[tuple[str, str, float]]:
             return int(masked_argmax(net(torch.from_numpy(x_batch)), mask_t)[0])
 
     def numpy_whole() -> int:
-        return int(numpy_masked_argmax(numpy_q(weights, x_batch), mask_np)[0])
+        return best_candidate(numpy_q(weights, x_batch)[0], view.candidates)
 
     greedy = GreedyDqn(weights, WIDTH)
     calls = 2000

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from lbproxy.config import ConfigError, Settings
+from lbproxy.live_episodes import EpisodeTracker, merge_windows
 from lbproxy.observe import WindowStats, WindowSummary
-from lbproxy.policies.dqn import DqnRuntime, EpisodeTracker, create_dqn_runtime
+from lbproxy.policies.dqn_runtime import DqnRuntime, create_dqn_runtime
 from lbproxy.serve import run_async
 from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter, Metrics
 
@@ -33,21 +34,6 @@ CSV_FIELDS = TRAINING_METRIC_FIELDS
 LIVE_FORMAT = "lbproxy-live/1"
 PROGRESS_EVERY_EPISODES = 10
 DRAIN_TIMEOUT_S = 10.0
-
-
-def merge_windows(windows: list[WindowStats]) -> WindowStats:
-    """One window over several episodes (the CSV row covers the last `metrics_every` episodes)."""
-    n = max(len(w.load) for w in windows)
-    out = WindowStats(n, windows[0].error_penalty)
-    for w in windows:
-        out.decisions += w.decisions
-        out.accurate += w.accurate
-        for i, v in enumerate(w.load):
-            out.load[i] += v
-        out.latencies.extend(w.latencies)
-        out.errors += w.errors
-        out.reward_sum += w.reward_sum
-    return out
 
 
 class LiveTrainer:

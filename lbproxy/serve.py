@@ -57,7 +57,7 @@ def build_policy(settings: Settings, metrics: Metrics) -> tuple[Any, list[Any], 
     """The policy object, the lifespans it needs (the DQN's learner/gauges) and its admin routes
     (the DQN's POST /admin/model); heuristics need neither."""
     if settings.policy == "dqn":
-        from lbproxy.policies.dqn import create_dqn_runtime
+        from lbproxy.policies.dqn_runtime import create_dqn_runtime
         from lbproxy.proxy.admin import model_routes
 
         rt = create_dqn_runtime(settings, None, metrics)

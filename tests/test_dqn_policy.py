@@ -15,8 +15,10 @@ from nets import column_net
 from lbproxy.config import Settings
 from lbproxy.observe import F_LOG_IN_FLIGHT, MAX_BACKENDS, ClusterView, Outcome, encode_state
 from lbproxy.policies.base import resolve
-from lbproxy.policies.dqn import DqnPolicy, DqnRuntime, create_dqn_runtime
+from lbproxy.policies.dqn import DqnPolicy
+from lbproxy.policies.dqn_runtime import DqnRuntime, create_dqn_runtime
 from lbproxy.rl.network import QNetwork
+from lbproxy.rl.online import BackgroundLearner
 from lbproxy.telemetry import Metrics
 
 
@@ -164,7 +166,7 @@ async def test_learning_records_the_state_each_decision_was_taken_in() -> None:
         expected = encode_state(view, 2, 0.0, rt.policy.width)
         action, did = await resolve(rt.policy.decide(2, view, now_s=0.0))
         view.on_dispatch(action)
-        rec = rt.policy.table.pop(did) if rt.policy.table is not None else None
+        rec = rt.policy.join.table.pop(did) if rt.policy.join is not None else None
         assert rec is not None
         np.testing.assert_allclose(rec.state, expected, atol=1e-6)
     rt.engine.close()
@@ -185,7 +187,7 @@ async def test_safe_exploration_routes_like_the_fallback() -> None:
     for _ in range(40):
         action, did = await resolve(rt.policy.decide(0, view, now_s=1.0))
         assert action == twin.choose(0, twin_view, 1.0)
-        assert rt.policy.table is not None and rt.policy.table.pop(did) is not None
+        assert rt.policy.join is not None and rt.policy.join.table.pop(did) is not None
         view.on_dispatch(action)
         twin_view.on_dispatch(action)
     assert rt.policy.explored == 40
@@ -310,7 +312,7 @@ def test_auto_device_learns_on_the_gpu_and_decides_inline() -> None:
     rt = create_dqn_runtime(settings, None, None, train=True, total_decisions=100)
     try:
         assert rt.engine.inline, "live inference stays on the loop"
-        assert rt.core is not None and rt.core.device.type == "cuda"
+        assert isinstance(rt.learner, BackgroundLearner) and torch.device(rt.learner.device).type == "cuda"
     finally:
         rt.engine.close()
 

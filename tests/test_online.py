@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import threading
 import time
 
 import numpy as np
@@ -12,12 +14,13 @@ import torch
 from lbproxy.config import Settings
 from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_mask, encode_state, feature_dim, reward
 from lbproxy.policies.base import resolve
-from lbproxy.policies.dqn import create_dqn_runtime
-from lbproxy.rl.online import DecisionRecord, DecisionTable
+from lbproxy.policies.dqn_runtime import create_dqn_runtime
+from lbproxy.rl.online import BackgroundLearner
+from lbproxy.rl.reward_join import DecisionRecord, DecisionTable
 
 
 def rec(t_s: float, action: int = 0) -> DecisionRecord:
-    return DecisionRecord(np.zeros(feature_dim(16), np.float32), action, np.ones(16, bool), 0, t_s)
+    return DecisionRecord(np.zeros(feature_dim(16), np.float32), action, 0, t_s)
 
 
 def test_table_is_bounded_and_counts_what_it_drops() -> None:
@@ -76,10 +79,12 @@ async def test_reward_join_builds_the_right_transition() -> None:
     out = Outcome(backend=action, req_class=1, latency_s=0.25, error=False, decision_id=did)
     view.on_complete(out, now_s=0.3)
     policy.observe(out, view, now_s=0.3)
-    assert rt.replay is not None and len(rt.replay) == 0, "joined at the end of the loop iteration"
+    assert rt.learner is not None
+    replay = rt.learner.replay
+    assert len(replay) == 0, "joined at the end of the loop iteration"
     await asyncio.sleep(0)
-    assert len(rt.replay) == 1
-    s = rt.replay.sample(1)
+    assert len(replay) == 1
+    s = replay.sample(1)
     np.testing.assert_allclose(s.obs[0].numpy(), state_before)
     assert int(s.actions.reshape(-1)[0]) == action
     assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.25, False, view.typical_all_s, 50.0))
@@ -89,7 +94,7 @@ async def test_reward_join_builds_the_right_transition() -> None:
     policy.observe(out, view, now_s=0.4)
     policy.observe(Outcome(backend=0, req_class=0, latency_s=0.1, error=True, decision_id=12345), view, 0.4)
     await asyncio.sleep(0)
-    assert len(rt.replay) == 1
+    assert len(replay) == 1
     rt.engine.close()
 
 
@@ -99,8 +104,8 @@ async def test_one_iterations_outcomes_join_together_with_the_state_after_them()
     outcome gets the view of its own iteration. Nothing joined is lost when the runtime stops."""
     view = ClusterView.create(3)
     rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
-    policy, replay = rt.policy, rt.replay
-    assert replay is not None
+    assert rt.learner is not None
+    policy, replay = rt.policy, rt.learner.replay
     routed = []
     for req_class in (0, 2, 0, 0):
         action, did = await resolve(policy.decide(req_class, view, now_s=0.0))
@@ -140,20 +145,28 @@ async def test_error_outcome_is_penalised() -> None:
     view.on_complete(out, 0.05)
     rt.policy.observe(out, view, 0.05)
     await asyncio.sleep(0)
-    s = rt.replay.sample(1)
+    assert rt.learner is not None
+    s = rt.learner.replay.sample(1)
     assert float(s.rewards.reshape(-1)[0]) == pytest.approx(reward(0.05, True, view.typical_all_s, 50.0))
     rt.engine.close()
 
 
+def owed(lrn: BackgroundLearner) -> int:
+    """Updates the learner owes now (before the debt cap)."""
+    p = lrn.pacer
+    return int(lrn.fed * p.ratio) - p.consumed - p.forgiven
+
+
 async def test_background_learner_updates_and_publishes_weights() -> None:
-    """Real learner thread: decisions feed tokens, updates run, new weights reach the engine."""
+    """Real learner thread: decisions earn updates, updates run, new weights reach the engine (every
+    update publishes here, so after the last one the engine holds the learner's final weights)."""
     view = ClusterView.create(2)
-    rt = create_dqn_runtime(small_settings(), view, None, train=True, total_decisions=1000)
+    rt = create_dqn_runtime(small_settings(weight_sync_every=1), view, None, train=True, total_decisions=1000)
     await rt.start()
     try:
         version0 = rt.engine.version
         lrn = rt.learner
-        assert lrn is not None
+        assert isinstance(lrn, BackgroundLearner)
         n = 0
         for _chunk in range(10):  # 10 bursts of 20 decisions, letting the learner catch up between them
             for _ in range(20):
@@ -165,7 +178,8 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
                 n += 1
             await asyncio.sleep(0)  # the loop iteration ends: its outcomes join the replay
             deadline = time.monotonic() + 10.0
-            while lrn.backlog > 0 and len(rt.replay) >= lrn.learning_starts and time.monotonic() < deadline:
+            pacer = lrn.pacer
+            while owed(lrn) > 0 and len(lrn.replay) >= pacer.learning_starts and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
         assert lrn.error is None
         # 0.2 updates per decision over 200 decisions, less what fell in the 16-transition warm-up.
@@ -173,9 +187,8 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
         assert rt.engine.version > version0, "weights were published to the inference engine"
     finally:
         await rt.stop()
-    assert not lrn.running
-    # After a final publish the engine answers exactly as the learner's online network does.
-    lrn.publish_now()
+    assert "lbproxy-learner" not in {t.name for t in threading.enumerate()}
+    # The engine answers exactly as the learner's online network does.
     for _ in range(3):
         await asyncio.sleep(0)
     state = encode_state(view, 0, 3.0, rt.policy.width)
@@ -183,7 +196,7 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
     out = rt.engine.inline_pass(rows, state[rt.policy.width * ROW_FEATURES :], rows[:0])
     assert out is not None
     with torch.inference_mode():
-        expected = rt.core.online(torch.from_numpy(state)[None])[0, : view.n].numpy()
+        expected = lrn.learner.online(torch.from_numpy(state)[None])[0, : view.n].numpy()
     np.testing.assert_allclose(out[1] - out[1][0], expected - expected[0], atol=1e-4)
 
 
@@ -215,4 +228,4 @@ async def test_process_learner_updates_and_publishes_weights() -> None:
         assert before <= int(snap["updates"]) <= lrn.updates
     finally:
         await rt.stop()
-    assert not lrn.running
+    assert not multiprocessing.active_children()

@@ -2,11 +2,12 @@
 
 The simulator calls `choose` for each arrival and `observe` for each completion (after
 `view.on_complete`, so the view `observe` sees is the state right after the request left: s').
-`choose` encodes the state, picks an epsilon-greedy masked argmax and remembers (s, a, class) under
-its own choose counter, which equals the simulator's `outcome.decision_id` (both count choose calls
-from 0 over the simulator's lifetime). `observe` joins the outcome with that record, computes the
-reward with `observe.reward`, pushes the transition and runs learner updates at
-`cfg.updates_per_decision`.
+`choose` encodes the state, explores or takes the greedy masked argmax (rl/action_selection.py) and
+records the decision in the reward join (rl/reward_join.py) under its own choose counter, which
+equals the simulator's `outcome.decision_id` (both count choose calls from 0 over the simulator's
+lifetime). `observe` joins the outcome, hands the transition to the replay buffer and runs the
+updates the pacer (rl/update_pacer.py) says are owed: the same three mechanisms the live policy and
+its learner use.
 
 Decision forward: the NumPy arithmetic of rl/network.py (`greedy_action`: one RowScorer over the
 view's own rows; padding rows are never scored) on a NumPy copy of the learner's weights, refreshed
@@ -17,30 +18,29 @@ the default update ratio). NumPy because a batch-1 torch forward costs several t
 from __future__ import annotations
 
 import math
-import random
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-import torch
 
 from lbproxy.observe import (
     LEARNING_WIDTH_MIN,
     ROW_FEATURES,
     ClusterView,
     Outcome,
-    action_mask,
     encode_state,
     feature_dim,
-    reward,
     state_width,
 )
 from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.rl.action_selection import EpsilonGreedy, best_candidate
 from lbproxy.rl.learner import DqnConfig, Learner
 from lbproxy.rl.network import NumpyWeights, RowScorer
 from lbproxy.rl.replay import ReplayBuffer, rng_state_from_primitives, rng_state_to_primitives
+from lbproxy.rl.reward_join import DecisionTable, RewardJoin
 from lbproxy.rl.schedule import EpsilonSchedule
+from lbproxy.rl.update_pacer import UpdatePacer
 
-__all__ = ["DqnAgent", "EpsilonSchedule", "GreedyDqn", "greedy_action"]
+__all__ = ["DqnAgent", "GreedyDqn", "greedy_action"]
 
 
 def greedy_action(weights: NumpyWeights, state: np.ndarray, view: ClusterView) -> int:
@@ -49,14 +49,7 @@ def greedy_action(weights: NumpyWeights, state: np.ndarray, view: ClusterView) -
     n = view.n
     rows = state[: n * ROW_FEATURES].reshape(n, ROW_FEATURES)
     ctx = state[state_width(state.shape[0]) * ROW_FEATURES :]
-    scores = RowScorer(weights, rows, ctx).scores(rows).tolist()
-    cands = view.candidates
-    best = cands[0]
-    best_q = scores[best]
-    for i in cands:  # masked argmax over the (few) candidates; cheaper than building a mask
-        if scores[i] > best_q:
-            best, best_q = i, scores[i]
-    return best
+    return best_candidate(RowScorer(weights, rows, ctx).scores(rows), view.candidates)
 
 
 class GreedyDqn:
@@ -98,34 +91,36 @@ class DqnAgent:
         self.cfg = cfg
         self.width = width
         """Rows of every state it encodes (the replay buffer's width): at least the cluster's size."""
-        self.obs_dim = feature_dim(width)
-        self.schedule = EpsilonSchedule.for_training(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, total_decisions)
         self.decisions = 0
         """choose() calls so far, i.e. the next decision id. It must equal the simulator's next
-        `outcome.decision_id`: when a new Simulator is paired with a running agent, set
-        `agent.decisions = sim.decisions` (outcomes that match no record are counted in `dropped`)."""
-        self.eps_step = 0
-        """Position on the epsilon schedule (separate from `decisions` so a resumed run can continue it)."""
+        `outcome.decision_id` (the trainer shifts each episode's ids to the agent's numbering);
+        outcomes that match no record are counted in `dropped`."""
         self.transitions = 0
         self.dropped = 0
         """Outcomes whose decision id had no record (e.g. an agent swapped in mid-run)."""
         self.last_loss = math.nan
-        self._update_credit = 0.0
-        self._pending: dict[int, tuple[np.ndarray, int, int]] = {}  # decision id -> (state, action, class)
         self._rng = np.random.Generator(np.random.PCG64(seed))
+        schedule = EpsilonSchedule.for_training(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, total_decisions)
+        self.explorer = EpsilonGreedy(schedule, self._rng.random)
+        # The simulator reports every completion (it drains each episode): no record expires.
+        self.join = RewardJoin(
+            width,
+            cfg.error_penalty,
+            bootstrap=cfg.gamma > 0.0,
+            sink=replay.add_batch,
+            table=DecisionTable(ttl_s=math.inf),
+        )
+        self.pacer = UpdatePacer(
+            cfg.updates_per_decision, cfg.learning_starts, batch_size=cfg.batch_size, capacity=replay.capacity
+        )
         self._weights = self._fresh_weights()
-        self._mask = np.zeros(width, dtype=bool)
-        self._no_state = np.zeros(self.obs_dim, dtype=np.float32)
-        self._no_mask = np.zeros(width, dtype=bool)
-        # A buffer smaller than learning_starts would never start learning: start when it is full.
-        self._learning_starts = max(1, min(cfg.learning_starts, replay.capacity))
 
     def _fresh_weights(self) -> NumpyWeights:
         return NumpyWeights.from_state_dict(self.learner.online.state_dict())
 
     @property
     def epsilon(self) -> float:
-        return self.schedule.value(self.eps_step)
+        return self.explorer.epsilon
 
     # --- Policy protocol -------------------------------------------------------------------------
     def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
@@ -134,93 +129,53 @@ class DqnAgent:
             raise NoBackendAvailable("no backend is available")
         did = self.decisions
         self.decisions = did + 1
-        state = encode_state(view, req_class, now_s, self.width)  # fresh: kept in the pending record
-        eps = self.schedule.value(self.eps_step)
-        self.eps_step += 1
-        if self._rng.random() < eps:
+        state = encode_state(view, req_class, now_s, self.width)  # fresh: kept in the decision record
+        if self.explorer.explores():
             action = cands[int(self._rng.integers(len(cands)))]
         else:
             action = greedy_action(self._weights, state, view)
-        self._pending[did] = (state, action, int(req_class))
+        self.explorer.advance()
+        self.join.record(did, state, action, int(req_class), now_s)
         return action
 
     def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
-        rec = self._pending.pop(outcome.decision_id, None)
-        if rec is None:
+        if self.join.join(outcome, view) is None:
             self.dropped += 1
             return
-        state, action, req_class = rec
-        r = reward(outcome.latency_s, outcome.error, view.typical_all_s, self.cfg.error_penalty)
-        if self.cfg.gamma > 0.0:
-            next_state = encode_state(view, req_class, now_s, self.width)
-            next_mask = action_mask(view, self.width, out=self._mask)
-        else:  # no bootstrap: s' is never read (an empty mask also tells the learner so)
-            next_state, next_mask = self._no_state, self._no_mask
-        self.replay.add(state, action, r, next_state, next_mask, False)
+        self.join.flush(view, now_s)
         self.transitions += 1
-        if len(self.replay) < self._learning_starts:
-            return
-        self._update_credit += self.cfg.updates_per_decision
-        updated = False
-        while self._update_credit >= 1.0:
-            self._update_credit -= 1.0
+        owed = self.pacer.owed(self.transitions, len(self.replay))
+        for _ in range(owed):
             batch = self.replay.sample(self.cfg.batch_size, self.learner.device)
             self.last_loss = self.learner.update(batch)
-            updated = True
-        if updated:  # a fresh NumPy copy (~10k parameters) after the updates of this completion
+            self.pacer.ran()
+        if owed:  # a fresh NumPy copy (~10k parameters) after the updates of this completion
             self._weights = self._fresh_weights()
 
     # --- persistence -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Counters, epsilon step, pending records and RNG states (own, Python, NumPy and torch
-        global). The learner and the replay buffer have their own state_dicts: save all three for an
-        exact resume."""
-        ids = sorted(self._pending)
-        states = np.stack([self._pending[i][0] for i in ids]) if ids else np.zeros((0, self.obs_dim), np.float32)
-        np_global = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
-        py_version, py_internal, py_gauss = random.getstate()
+        """Counters, epsilon step, update debt, pending records and the agent's own RNG. The learner
+        and the replay buffer have their own state_dicts, the global RNGs are the trainer's (saved
+        once per checkpoint, rl/run_dir.py): save them all for an exact resume."""
         return {
             "decisions": self.decisions,
-            "eps_step": self.eps_step,
+            "eps_step": self.explorer.step,
             "transitions": self.transitions,
             "dropped": self.dropped,
             "last_loss": self.last_loss,
-            "update_credit": self._update_credit,
-            "pending_ids": torch.tensor(ids, dtype=torch.int64),
-            "pending_states": torch.from_numpy(states),
-            "pending_actions": torch.tensor([self._pending[i][1] for i in ids], dtype=torch.int64),
-            "pending_classes": torch.tensor([self._pending[i][2] for i in ids], dtype=torch.int64),
+            "pacer": self.pacer.state_dict(),
+            **self.join.state_dict(),
             "rng": rng_state_to_primitives(self._rng),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": [py_version, torch.tensor(py_internal, dtype=torch.int64), py_gauss],
-            "numpy_rng": [
-                str(np_global[0]),
-                torch.from_numpy(np_global[1].astype(np.int64)),
-                int(np_global[2]),
-                int(np_global[3]),
-                float(np_global[4]),
-            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore after `learner.load_state_dict` (on CUDA the host weight copy is refreshed here)."""
         self.decisions = int(state["decisions"])
-        self.eps_step = int(state["eps_step"])
+        self.explorer.restore(int(state["eps_step"]))
         self.transitions = int(state["transitions"])
         self.dropped = int(state["dropped"])
         self.last_loss = float(state["last_loss"])
-        self._update_credit = float(state["update_credit"])
-        states = state["pending_states"].numpy()
-        ids, actions = state["pending_ids"].tolist(), state["pending_actions"].tolist()
-        classes = state["pending_classes"].tolist()
-        self._pending = {
-            int(i): (states[k].copy(), int(a), int(c))
-            for k, (i, a, c) in enumerate(zip(ids, actions, classes, strict=True))
-        }
+        self.pacer.load_state_dict(state["pacer"])
+        self.join.load_state_dict(state)
         rng_state_from_primitives(self._rng, state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        py_version, py_internal, py_gauss = state["python_rng"]
-        random.setstate((int(py_version), tuple(int(v) for v in py_internal.tolist()), py_gauss))
-        name, keys, pos, has_gauss, cached = state["numpy_rng"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
         self._weights = self._fresh_weights()

@@ -3,7 +3,7 @@
 Two ways to answer, chosen by device:
 
 * Inline (CPU, the default): the NumPy arithmetic of rl/network.py, run synchronously on the loop.
-  The dqn policy (policies/dqn.py) decides all the requests whose handlers run in one loop iteration
+  The live dqn policy (rl/iteration.py) decides all the requests whose handlers run in one loop iteration
   from one encoded state per request class: :meth:`InferenceEngine.inline_pass` computes the pooled
   cluster summary once and scores every backend row (and each row as it will read after one more
   dispatch); a decision that dispatches to b then re-scores only row b (:meth:`score`), exactly,

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from lbproxy.observe import ERROR_PENALTY
-from lbproxy.rl.network import QNetwork, masked_argmax
+from lbproxy.rl.action_selection import masked_argmax
+from lbproxy.rl.network import QNetwork
 from lbproxy.rl.replay import ReplaySamples
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ backends. Layout, with H = `hidden` and S = `summary`:
 The pooled summary reads only the columns a dispatch does not change (observe.STATIC_FEATURES), and
 the context columns a dispatch does change (total in-flight) enter only V, which every backend shares.
 So a dispatch to b changes exactly A_b: the live policy re-scores one row per decision, exactly
-(policies/dqn.py), instead of re-running the network. Small on purpose (~10k parameters): a decision
+(rl/iteration.py), instead of re-running the network. Small on purpose (~10k parameters): a decision
 must cost microseconds on a CPU, and the problem is close to a contextual bandit.
 
 Training runs this torch module on flat states; live inference and the simulator agent run the same
@@ -61,7 +61,7 @@ class QNetwork(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """(B, obs_dim) flat states -> (B, width) Q-values (rows that are not candidates score too:
-        callers mask them, see `masked_argmax`)."""
+        callers mask them: rl/action_selection.py)."""
         width = state_width(obs.shape[-1])
         rows = obs[:, : width * ROW_FEATURES].reshape(obs.shape[0], width, ROW_FEATURES)
         ctx = obs[:, width * ROW_FEATURES :]
@@ -79,17 +79,6 @@ class QNetwork(nn.Module):
     def arch(self) -> dict[str, int | str]:
         """Primitives that describe the shape; stored in checkpoints and checked on load."""
         return {"name": ARCH_NAME, "hidden": self.hidden, "summary": self.summary, "row_features": ROW_FEATURES}
-
-
-def masked_argmax(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Argmax over valid actions only; invalid actions get -inf. The one masked argmax of the torch
-    side (the NumPy side's is `numpy_masked_argmax`)."""
-    return q.masked_fill(~mask, float("-inf")).argmax(dim=-1)
-
-
-def numpy_masked_argmax(q: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Argmax over valid actions only (invalid -> -inf), row-wise."""
-    return np.where(mask, q, -np.inf).argmax(axis=-1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,324 @@
+"""What the proxy runs for `--policy dqn`: the policy, its inference engine and, in train/online mode,
+the replay buffer and background learner, with the lifetime the app gives them.
+
+`create_dqn_runtime(settings, view, metrics)` builds it (serve.py calls it; live_train.py builds one
+in train mode). Its `lifespan(app)` goes into aiohttp's `cleanup_ctx` so the learner starts and stops
+with the app; a gauge task refreshes the learning gauges, runs the guardrail's test and reports a
+dead learner once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lbproxy.config import ConfigError, Settings
+from lbproxy.guardrail import Guardrail
+from lbproxy.live_episodes import EpisodeTracker
+from lbproxy.observe import MAX_BACKENDS, ClusterView, feature_dim, learning_width
+from lbproxy.policies.dqn import DqnPolicy
+from lbproxy.proxy.batched_metrics import BatchedHistogram
+from lbproxy.rl.batcher import InferenceEngine
+from lbproxy.rl.learner_process import ProcessLearner
+from lbproxy.rl.online import BackgroundLearner
+from lbproxy.rl.reward_join import RewardJoin
+from lbproxy.rl.schedule import EpsilonSchedule
+from lbproxy.rl.update_pacer import UpdatePacer
+from lbproxy.telemetry import Metrics
+
+if TYPE_CHECKING:
+    import torch
+
+    from lbproxy.rl.network import QNetwork
+
+GAUGE_INTERVAL_S = 1.0
+"""Learning gauges (ε, loss, updates, replay size) are refreshed this often, not per request."""
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class DqnRuntime:
+    """What the proxy holds for the DQN: the policy plus the objects whose lifetime the app owns."""
+
+    policy: DqnPolicy
+    engine: InferenceEngine
+    learner: BackgroundLearner | ProcessLearner | None = None
+    metrics: Metrics | None = None
+    arch: dict[str, Any] | None = None
+    """{"hidden", "width"} of the network being trained (train/online), for checkpoints."""
+    batch_sizes: BatchedHistogram | None = None
+    model_arch: dict[str, Any] | None = None
+    """QNetwork.arch() of the served model (greedy serving): a CUDA engine swaps only same-shape weights."""
+    report: Callable[[str], None] = _to_stderr
+    """Where a dead learner is reported (live training also writes it to the run's error log)."""
+    _gauge_task: asyncio.Task[None] | None = None
+    _reported_updates: int = 0
+    _error_reported: bool = False
+
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: start the learner thread and the gauge task; stop both at shutdown."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        # gc.freeze() after start-up (torch's heap: an ~80 ms full collection wrecked p99) is done once
+        # by the process entry point (serve.tune_gc, also called by live_train), not here.
+        loop = asyncio.get_running_loop()
+        if self.learner is not None:
+            self.learner.start(loop)
+        self._gauge_task = loop.create_task(self._gauges())
+
+    async def stop(self) -> None:
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauge_task
+            self._gauge_task = None
+        self.policy.flush_joins()  # nothing joined is lost
+        if self.learner is not None:
+            await asyncio.to_thread(self.learner.stop)
+            self.check_learner()
+        self.update_gauges()
+        if self.learner is not None:
+            self.learner.close()
+        self.engine.close()
+
+    def update_gauges(self) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.epsilon.set(self.policy.epsilon)
+        if self.batch_sizes is not None:
+            self.batch_sizes.flush()
+        lrn = self.learner
+        if lrn is not None:
+            loss = lrn.take_mean_loss()
+            if not math.isnan(loss):
+                m.td_loss.set(loss)
+            delta = lrn.updates - self._reported_updates
+            if delta > 0:
+                m.learner_updates.inc(delta)
+                self._reported_updates = lrn.updates
+            m.replay_size.set(len(lrn.replay))
+
+    async def _gauges(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(GAUGE_INTERVAL_S)
+            guard = self.policy.guardrail
+            if guard is not None:
+                guard.evaluate(loop.time())  # ~1-2 ms per tested class, once a second
+            self.update_gauges()
+            join = self.policy.join
+            if join is not None:
+                join.table.expire(loop.time())
+            self.check_learner()
+
+    def check_learner(self) -> bool:
+        """A dead learner (thread or process) is reported once: one line, lbproxy_learner_failures_total.
+        Routing goes on with the last published weights (the guardrail still compares them with the
+        fallback); nothing else changes. Returns True once a failure was seen."""
+        lrn = self.learner
+        if lrn is None or lrn.error is None:
+            return False
+        if not self._error_reported:
+            self._error_reported = True
+            err = lrn.error
+            why = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            self.report(
+                f"lbproxy: learner stopped ({why}); routing goes on with the last published weights "
+                f"(model version {self.engine.version}), learning does not"
+            )
+            if self.metrics is not None:
+                self.metrics.learner_failures.inc()
+        return True
+
+    async def reload_model(self, path: Path) -> dict[str, Any]:
+        """POST /admin/model: load `path` off the loop, check it, swap it in for the next decision.
+        Any problem raises CheckpointError and leaves the current model serving."""
+        from lbproxy.rl.checkpoint import CheckpointError, load_model
+
+        if self.learner is not None:
+            raise CheckpointError(f"{path}: not loaded: the learner owns the weights while the proxy learns")
+        net, meta = await asyncio.to_thread(load_model, path, "cpu")
+        if self.engine.backend == "cuda" and self.model_arch is not None and net.arch() != self.model_arch:
+            raise CheckpointError(
+                f"{path}: network {net.arch()} differs from the one serving on the GPU ({self.model_arch}); "
+                "restart with --model to change its shape"
+            )
+        weights = await asyncio.to_thread(self.engine.prepare, net.state_dict())
+        self.engine.publish(weights)
+        self.model_arch = net.arch()
+        trained_by = meta.get("trained_by", meta.get("env"))
+        trained_by = None if trained_by is None else str(trained_by)[:200]
+        return {"model": str(path), "model_version": self.engine.version, "arch": net.arch(), "trained_by": trained_by}
+
+
+def load_serving_model(settings: Settings) -> QNetwork:
+    """The model to serve: --model, else the shipped default. Missing/mismatched -> ConfigError (one line)."""
+    from lbproxy.rl.checkpoint import CheckpointError, default_model_path, load_model
+
+    path = settings.model if settings.model is not None else default_model_path()
+    if not path.is_file():
+        hint = (
+            "pass --model PATH to an existing model"
+            if settings.model is not None
+            else "train one with `lbproxy --mode train --env sim` or pass --model PATH"
+        )
+        raise ConfigError(f"model file {str(path)!r} not found; {hint}")
+    try:
+        net, _meta = load_model(path, device="cpu")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc) if str(path) in str(exc) else f"cannot load model {str(path)!r}: {exc}") from None
+    return net
+
+
+def _devices(settings: Settings) -> tuple[torch.device, torch.device]:
+    """(learner device, inference device). `auto`: live inference stays inline on the CPU even beside
+    a GPU (the learner takes the GPU): whatever the device's speed, the off-loop round trip costs the
+    event loop itself more than the inline NumPy pass does for this model: 4.3 vs 1.5 µs per decision
+    at 256 requests per loop iteration, 16 vs 3 at 8 (benchmarks/results/decision_latency.md).
+    `--device cuda` asks for both."""
+    import torch
+
+    from lbproxy.rl.learner import resolve_device
+
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or --device cpu")
+    return device, torch.device("cpu") if settings.device == "auto" else device
+
+
+def _learner(
+    settings: Settings,
+    engine: InferenceEngine,
+    width: int,
+    device: torch.device,
+    init: QNetwork | None,
+    learner_state: dict[str, Any] | None,
+) -> BackgroundLearner | ProcessLearner:
+    """The replay buffer and background learner (thread, or process with --learner-process), its
+    weights from `learner_state`, else `init`, else fresh; the engine starts from the same weights."""
+    from lbproxy.rl.learner import DqnConfig, Learner
+    from lbproxy.rl.network import QNetwork
+    from lbproxy.rl.replay import ReplayBuffer
+
+    cfg = DqnConfig.from_settings(settings)
+    if init is not None:
+        cfg = dataclasses.replace(cfg, hidden=init.hidden)
+    core = Learner(cfg, device=device)
+    if learner_state is not None:
+        core.load_state_dict(learner_state)
+    elif init is not None:
+        core.online.load_state_dict(init.state_dict())
+        core.target.load_state_dict(init.state_dict())
+    replay = ReplayBuffer(settings.buffer_size, feature_dim(width), width, seed=settings.seed)
+    serving_net = QNetwork(cfg.hidden)
+    serving_net.load_state_dict({k: v.detach().cpu() for k, v in core.online.state_dict().items()})
+    engine.load_network(serving_net)
+    pacer = UpdatePacer(
+        settings.updates_per_decision,
+        settings.learning_starts,
+        batch_size=settings.batch_size,
+        capacity=replay.capacity,
+    )
+    common: dict[str, Any] = {
+        "pacer": pacer,
+        "batch_size": settings.batch_size,
+        "weight_sync_every": settings.weight_sync_every,
+        "publish": engine.publish,
+        "prepare": engine.prepare,
+        "device": device,
+    }
+    if settings.learner_process:
+        return ProcessLearner(core, replay, cfg=cfg, **common)
+    return BackgroundLearner(core, replay, **common)
+
+
+def create_dqn_runtime(
+    settings: Settings,
+    view: ClusterView | None = None,
+    metrics: Metrics | None = None,
+    *,
+    train: bool | None = None,
+    net: QNetwork | None = None,
+    total_decisions: int = 0,
+    learner_state: dict[str, Any] | None = None,
+    epsilon_start_step: int = 0,
+    tracker: EpisodeTracker | None = None,
+    engine_cls: type[InferenceEngine] = InferenceEngine,
+) -> DqnRuntime:
+    """Build the dqn policy for the proxy.
+
+    serve (default): greedy, weights from `net`, else `settings.model` (or the shipped default),
+    learning only with `--online` (then ε = eps_end, so the agent keeps sampling the alternatives it
+    learns about). train (`train=True`, used by live_train): ε schedule over `total_decisions` from
+    `epsilon_start_step`, learner always on, weights from `learner_state` (--resume), `net` (e.g.
+    --init-model) or a fresh network. `view` sizes a learning state (else the configured backends).
+    """
+    is_train = settings.mode == "train" if train is None else train
+    learning = is_train or settings.online
+    n = view.n if view is not None else max(1, len(settings.backends))
+    # Learning: the replay's width (memory grows with it; a backend added at runtime past it is routed
+    # by the fallback). Serving only: room for every slot the pool can ever have.
+    width = learning_width(n) if learning else MAX_BACKENDS
+    device, infer_device = _devices(settings)
+    if net is None and not is_train:  # --online learns on from the served model
+        net = load_serving_model(settings)
+    # Counted locally and flushed with the gauges: a Prometheus observe per pass costs ~1 µs.
+    batch_sizes = BatchedHistogram(metrics.batch_size) if metrics is not None else None
+    engine = engine_cls(
+        width,
+        max_batch=settings.max_batch,
+        device=infer_device,
+        deadline_s=settings.decision_deadline_us * 1e-6,
+        on_batch=batch_sizes.observe if batch_sizes is not None else None,
+    )
+    learner = join = schedule = None
+    if learning:
+        learner = _learner(settings, engine, width, device, net, learner_state)
+        join = RewardJoin(width, settings.error_penalty, bootstrap=settings.gamma > 0.0, sink=learner.add_transitions)
+        schedule = (
+            EpsilonSchedule.for_training(settings.eps_start, settings.eps_end, settings.eps_fraction, total_decisions)
+            if is_train
+            else EpsilonSchedule(settings.eps_end, settings.eps_end, 1)
+        )
+    else:
+        assert net is not None
+        engine.load_network(net)
+    guardrail = None
+    if settings.control_share > 0.0:
+        switched = metrics.guardrail_switched if metrics is not None else None
+        guardrail = Guardrail(control_share=settings.control_share, seed=settings.seed, on_switch=switched)
+    policy = DqnPolicy(
+        engine,
+        metrics=metrics,
+        width=width,
+        join=join,
+        epsilon=schedule,
+        epsilon_step=epsilon_start_step if is_train else 0,
+        seed=settings.seed,
+        tracker=tracker,
+        guardrail=guardrail,
+    )
+    return DqnRuntime(
+        policy=policy,
+        engine=engine,
+        learner=learner,
+        metrics=metrics,
+        arch={"hidden": net.hidden if net is not None else settings.hidden, "width": width},
+        batch_sizes=batch_sizes,
+        model_arch=net.arch() if not learning and net is not None else None,
+    )
