@@ -63,8 +63,8 @@ def write_result(out: Path, lines: list[str]) -> None:
     print(f"wrote {out}")
 
 
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    """`argv` pinned to one CPU with taskset where there is more than one CPU to pin to."""
+def pinned(cpu: int | str, argv: list[str]) -> list[str]:
+    """`argv` pinned to one CPU (or a taskset list such as "0,1") where there is more than one CPU to pin to."""
     return [TASKSET, "-c", str(cpu), *argv] if TASKSET and (os.cpu_count() or 1) > 1 else argv
 
 
@@ -87,10 +87,12 @@ class WrkRun:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
-def run_wrk(url: str, duration_s: float, connections: int = CONNECTIONS, cpu: int = LOAD_CPU) -> WrkRun:
-    """One `wrk -t1 --latency` run on `cpu`, parsed."""
+def run_wrk(
+    url: str, duration_s: float, connections: int = CONNECTIONS, cpu: int | str = LOAD_CPU, threads: int = 1
+) -> WrkRun:
+    """One `wrk -t{threads} --latency` run on `cpu` (a CPU or a taskset list), parsed."""
     out = subprocess.run(
-        pinned(cpu, [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency", url]),
+        pinned(cpu, [WRK, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency", url]),
         capture_output=True,
         text=True,
         check=True,

@@ -94,6 +94,30 @@ def parse_backends(value: Any) -> list[BackendSpec]:
     return out
 
 
+MAX_WORKERS = 256
+"""Most proxy worker processes: beyond the cores of any one host this project targets, a value is a typo."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def parse_workers(value: Any) -> int:
+    """`--workers`: a whole number 1..MAX_WORKERS or `auto` (:func:`usable_cpus`); ValueError otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return min(usable_cpus(), MAX_WORKERS)
+        value = int(text) if text.isdigit() else text
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be a whole number from 1 to {MAX_WORKERS} or auto, got {value!r}")
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LBPROXY_", extra="forbid", validate_default=True)
 
@@ -119,6 +143,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="Address the proxy listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the proxy listens on.")
+    workers: int = Field(
+        1,
+        description="Proxy processes accepting on the one port (SO_REUSEPORT), each with its own event loop, "
+        "pool view and inline inference; `auto` = the CPUs this process may run on. Above 1, a supervisor "
+        "restarts workers that die and owns the one admin listener (lbproxy/workers.py). --online and "
+        "--mode train need 1 for now.",
+    )
     admin_host: str = Field(
         "127.0.0.1",
         description="Address of the admin listener (/metrics, /healthz, "
@@ -358,6 +389,11 @@ class Settings(BaseSettings):
             raise ValueError(f"at most {MAX_BACKENDS} backends are supported, got {len(v)}")
         return v
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _parse_workers(cls, v: Any) -> int:
+        return parse_workers(v)
+
     @field_validator("policy")
     @classmethod
     def _check_policy(cls, v: str) -> str:
@@ -432,6 +468,10 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
                 f"not {settings.policy!r}; drop --model or use --policy dqn"
             )
         settings.policy = "dqn"
+    if settings.workers > 1 and (settings.mode == "train" or settings.online):
+        # One learner fed by every worker is issue 12 item 2; until then N learners would diverge.
+        what = "--mode train" if settings.mode == "train" else "--online"
+        raise ConfigError(f"{what} needs --workers 1 for now (issue 12 item 2)")
     if settings.cluster_file is not None and not settings.backends:
         settings.backends = backends_from_cluster_file(settings.cluster_file)
     return settings

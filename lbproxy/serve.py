@@ -4,6 +4,8 @@ Stop: the listener closes first (new connections are refused), requests in fligh
 DRAIN_TIMEOUT_S to finish, responses streaming included, then the process exits 0.
 With `--policy dqn` and no learning, POST /admin/model swaps the served model at run time
 (lbproxy/proxy/admin.py); a bad file leaves the current one serving.
+`--workers N` above 1 runs N of these processes on one port under a supervisor (lbproxy/workers.py);
+with 1 (the default) this process is the whole proxy, as it always was.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lbproxy.telemetry import Metrics
 
 if TYPE_CHECKING:
     from lbproxy.proxy import ProxyServer
+    from lbproxy.workers import WorkerLink
 
 DRAIN_TIMEOUT_S = 10.0
 """In-flight requests get this long to finish after a stop signal (Kubernetes' default grace is 30 s)."""
@@ -67,16 +70,22 @@ def build_policy(settings: Settings, metrics: Metrics) -> tuple[Any, list[Any], 
     return make_policy(settings.policy, settings.seed), [], []
 
 
-def build_server(settings: Settings, metrics: Metrics) -> ProxyServer:
-    """The serve-mode ProxyServer (not started): its policy with the policy's lifespans and admin routes.
-    ConfigError (one line) for no backends or an exposed admin listener without a token, checked
-    before a model is loaded."""
-    from lbproxy.proxy import ProxyServer
+def check_serve_settings(settings: Settings) -> None:
+    """ConfigError (one line) for no backends or an exposed admin listener without a token."""
     from lbproxy.proxy.admin import admin_token
 
     if not settings.backends:
         raise ConfigError("no backends configured; pass --backends URL[,URL] or --cluster-file FILE")
     admin_token(settings)
+
+
+def build_server(settings: Settings, metrics: Metrics) -> ProxyServer:
+    """The serve-mode ProxyServer (not started): its policy with the policy's lifespans and admin routes.
+    ConfigError (one line) for no backends or an exposed admin listener without a token, checked
+    before a model is loaded."""
+    from lbproxy.proxy import ProxyServer
+
+    check_serve_settings(settings)
     policy, lifespans, routes = build_policy(settings, metrics)
     server = ProxyServer(settings, policy, metrics)
     server.lifespans.extend(lifespans)
@@ -84,23 +93,24 @@ def build_server(settings: Settings, metrics: Metrics) -> ProxyServer:
     return server
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, link: WorkerLink | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, then drain. As one of N workers (`link`): share the port, take the
+    supervisor's admin changes before accepting, report in, and also drain when the supervisor asks or
+    is gone."""
     if settings.access_log:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = build_server(settings, Metrics())
-    await server.start()
+    server.reuse_port = link is not None
+    await server.start(None if link is None else lambda: link.admitted(server))
     tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    names = ", ".join(f"{b.url}" + (f"={b.weight:g}" if b.weight != 1.0 else "") for b in settings.backends)
-    print(
-        f"lbproxy: serving http://{settings.host}:{server.port} with policy {server.policy_name} over "
-        f"{len(settings.backends)} backends ({names}); admin http://{settings.admin_host}:{server.admin_port}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if link is not None:
+        link.serving(server, on_stop=stop.set)
+    else:
+        print_serving(settings, server.port, server.policy_name, server.admin_port)
     try:
         await stop.wait()
     finally:
@@ -110,5 +120,20 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
+def print_serving(settings: Settings, port: int, policy_name: str, admin_port: int, workers: str = "") -> None:
+    """The start-up line on stderr: where, which policy, which backends, where the admin listener is."""
+    names = ", ".join(f"{b.url}" + (f"={b.weight:g}" if b.weight != 1.0 else "") for b in settings.backends)
+    print(
+        f"lbproxy: serving http://{settings.host}:{port} with policy {policy_name} over "
+        f"{len(settings.backends)} backends ({names}){workers}; admin http://{settings.admin_host}:{admin_port}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run_serve(settings: Settings) -> int:
+    if settings.workers > 1:
+        from lbproxy.workers import run_supervisor
+
+        return run_supervisor(settings)
     return run_async(serve(settings))

@@ -3,6 +3,11 @@
 Names follow Prometheus conventions (base units, `_total` for counters). The Grafana dashboard in
 deploy/ queries exactly these names, and a test checks that each one it queries is exported.
 Per-backend children are resolved once per backend (`labels()` costs ~1 µs; not on every request).
+
+With `--workers N` above 1 every worker runs in prometheus_client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by lbproxy/workers.py) and the supervisor's /metrics adds them up:
+counters and histograms sum over workers (dead ones included, so totals never go back); each gauge
+says how it combines the live workers' values (`multiprocess_mode`; ignored in one process).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import csv
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -36,9 +42,20 @@ class Metrics:
             buckets=REQUEST_BUCKETS_S,
             registry=r,
         )
-        self.in_flight = Gauge("lbproxy_backend_in_flight", "Requests in flight, by backend", ["backend"], registry=r)
+        self.in_flight = Gauge(
+            "lbproxy_backend_in_flight",
+            "Requests in flight, by backend",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        # Workers judge health and outliers each on their own traffic: 0 as soon as one of them ejects it.
         self.available = Gauge(
-            "lbproxy_backend_available", "1 if the backend is healthy and not ejected", ["backend"], registry=r
+            "lbproxy_backend_available",
+            "1 if the backend is healthy and not ejected",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.upstream_errors = Counter(
             "lbproxy_upstream_errors", "Upstream failures by backend and kind", ["backend", "kind"], registry=r
@@ -55,20 +72,40 @@ class Metrics:
         self.fallbacks = Counter(
             "lbproxy_decision_fallbacks", "Decisions routed by the fallback policy, by reason", ["reason"], registry=r
         )
-        # Learning / quality gauges: measured for every policy, over the last reporting window.
-        self.reward = Gauge("lbproxy_reward", "Mean reward per request over the last window", registry=r)
-        self.gini = Gauge("lbproxy_gini", "Capacity-normalised Gini of load over the last window", registry=r)
-        self.accuracy = Gauge(
-            "lbproxy_decision_accuracy", "Share of decisions matching the shortest-expected-delay oracle", registry=r
+        # Learning / quality gauges: measured for every policy, over the last reporting window; with
+        # workers, each worker's window (a `pid` label), since a mean of ratios is not the ratio of sums.
+        window: Final = "liveall"
+        self.reward = Gauge(
+            "lbproxy_reward", "Mean reward per request over the last window", registry=r, multiprocess_mode=window
         )
-        self.epsilon = Gauge("lbproxy_epsilon", "Exploration rate of the DQN policy", registry=r)
-        self.td_loss = Gauge("lbproxy_td_loss", "Mean Huber TD loss of recent learner updates", registry=r)
+        self.gini = Gauge(
+            "lbproxy_gini",
+            "Capacity-normalised Gini of load over the last window",
+            registry=r,
+            multiprocess_mode=window,
+        )
+        self.accuracy = Gauge(
+            "lbproxy_decision_accuracy",
+            "Share of decisions matching the shortest-expected-delay oracle",
+            registry=r,
+            multiprocess_mode=window,
+        )
+        # One learner (live training and --online need --workers 1 for now): any live worker's value.
+        learner: Final = "livemax"
+        self.epsilon = Gauge(
+            "lbproxy_epsilon", "Exploration rate of the DQN policy", registry=r, multiprocess_mode=learner
+        )
+        self.td_loss = Gauge(
+            "lbproxy_td_loss", "Mean Huber TD loss of recent learner updates", registry=r, multiprocess_mode=learner
+        )
         self.learner_updates = Counter("lbproxy_learner_updates", "Gradient updates applied", registry=r)
-        self.replay_size = Gauge("lbproxy_replay_size", "Transitions in the replay buffer", registry=r)
+        self.replay_size = Gauge(
+            "lbproxy_replay_size", "Transitions in the replay buffer", registry=r, multiprocess_mode=learner
+        )
         self.batch_size = Histogram(
             "lbproxy_inference_batch_size", "Decisions per forward pass", buckets=BATCH_BUCKETS, registry=r
         )
-        self.episode = Gauge("lbproxy_episode", "Current training episode", registry=r)
+        self.episode = Gauge("lbproxy_episode", "Current training episode", registry=r, multiprocess_mode=learner)
         # Faults that leave the proxy serving (SECURITY.md): alert on any increase.
         self.learner_failures = Counter(
             "lbproxy_learner_failures",
@@ -96,6 +133,7 @@ class Metrics:
             "lbproxy_guardrail_tripped",
             "1 while the guardrail routes everything (but a probe) by the fallback",
             registry=r,
+            multiprocess_mode="livemax",  # each worker has its own guardrail: 1 while any one is tripped
         )
 
     def guardrail_switched(self, tripped: bool) -> None:

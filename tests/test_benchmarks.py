@@ -67,6 +67,15 @@ def test_proxy_overhead_runs() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
+def test_workers_runs(tmp_path: Path) -> None:
+    out = tmp_path / "workers.md"
+    run_script("workers", ["--duration", "1", "--rounds", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "| 1 | 0 |" in text and "| 2 | 0,1 |" in text and "What limits the figure" in text
+
+
+@pytest.mark.slow
 def test_learning_quality_runs(tmp_path: Path) -> None:
     out = tmp_path / "learning_quality.md"
     run_script(

@@ -70,11 +70,11 @@ class AdminInputError(Exception):
         self.status = status
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
+def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, text=json.dumps(data, indent=1) + "\n", content_type="application/json")
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """One line of JSON: `{"error": "..."}`."""
     text = json.dumps({"error": " ".join(message.split())}) + "\n"
     return web.Response(status=status, text=text, content_type="application/json", headers=headers)
@@ -141,7 +141,7 @@ async def _require_token(
         if scheme.lower() != "bearer" or not hmac.compare_digest(sent, token):
             request.app[SERVER_KEY].metrics.admin_denied.inc()
             why = "invalid admin token" if scheme.lower() == "bearer" else "admin token required"
-            return _error(
+            return error_response(
                 401,
                 f"{why}: send Authorization: Bearer TOKEN (the configured --admin-token)",
                 headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="lbproxy-admin"'},
@@ -149,7 +149,7 @@ async def _require_token(
     try:
         return await handler(request)
     except AdminInputError as exc:
-        return _error(exc.status, str(exc))
+        return error_response(exc.status, str(exc))
 
 
 # --- input ------------------------------------------------------------------------------------------
@@ -166,9 +166,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def read_json_object(request: web.Request, example: str) -> dict[str, Any]:
-    """The request body as a JSON object: at most ADMIN_MAX_BODY_BYTES (413), strict JSON (no NaN,
-    no duplicate keys), an object at the top (400 with `example` otherwise)."""
+async def read_body(request: web.Request, example: str) -> bytes:
+    """The request body, read to at most ADMIN_MAX_BODY_BYTES (AdminInputError 413 naming `example` past it)."""
     limit = ADMIN_MAX_BODY_BYTES
     too_big = AdminInputError(413, f"request body over {limit} bytes; send a JSON object like {example}")
     if request.content_length is not None and request.content_length > limit:
@@ -180,8 +179,15 @@ async def read_json_object(request: web.Request, example: str) -> dict[str, Any]
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: web.Request, example: str) -> dict[str, Any]:
+    """The request body as a JSON object: at most ADMIN_MAX_BODY_BYTES (413), strict JSON (no NaN,
+    no duplicate keys), an object at the top (400 with `example` otherwise)."""
+    raw = await read_body(request, example)
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        body = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:
         why = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
         raise AdminInputError(400, f"body is not valid JSON ({why}); send {example}") from None
@@ -279,7 +285,7 @@ async def list_backends(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     pool = server.pool
     now = server.loop_time()
-    return _json(
+    return json_response(
         {
             "policy": server.policy_name,
             "policy_state": describe() if (describe := getattr(server.policy, "describe", None)) else None,
@@ -296,8 +302,8 @@ async def add_backend(request: web.Request) -> web.Response:
     try:
         b = server.pool.add(spec)
     except ValueError as exc:
-        return _error(409, str(exc))
-    return _json(server.pool.describe(server.loop_time())[b.index], 201)
+        return error_response(409, str(exc))
+    return json_response(server.pool.describe(server.loop_time())[b.index], 201)
 
 
 async def remove_backend(request: web.Request) -> web.Response:
@@ -306,8 +312,8 @@ async def remove_backend(request: web.Request) -> web.Response:
     try:
         b = server.pool.remove(name)
     except KeyError:
-        return _error(404, f"no backend named {name!r}; GET /admin/backends lists them")
-    return _json({"removed": b.name, "index": b.index})
+        return error_response(404, f"no backend named {name!r}; GET /admin/backends lists them")
+    return json_response({"removed": b.name, "index": b.index})
 
 
 MODEL_EXAMPLE = '{"path": "/data/models/dqn_final.pth"}'
@@ -332,7 +338,7 @@ def model_routes(reload: ModelReload | None) -> list[web.RouteDef]:
                 400, f"field 'path' must be a file path of 1-{MAX_PATH_CHARS} characters; send {MODEL_EXAMPLE}"
             )
         if reload is None:
-            return _error(
+            return error_response(
                 409,
                 "this proxy learns online (--online or train mode): the learner owns the weights; "
                 "restart with --model PATH to serve another model",
@@ -342,8 +348,8 @@ def model_routes(reload: ModelReload | None) -> list[web.RouteDef]:
         except CheckpointError as exc:
             server.metrics.model_load_failures.inc()
             log.warning("lbproxy: model reload refused, still serving the current model: %s", exc)
-            return _error(400, str(exc))
-        return _json(info)
+            return error_response(400, str(exc))
+        return json_response(info)
 
     return [web.post("/admin/model", load_model)]
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -46,7 +46,7 @@ CLIENT_KEEPALIVE_S = 75.0
 log = logging.getLogger("lbproxy")
 
 
-def _bind_error(flag: str, host: str, port: int, exc: OSError) -> ConfigError:
+def bind_error(flag: str, host: str, port: int, exc: OSError) -> ConfigError:
     if exc.errno == errno.EADDRINUSE:
         why = "is already in use"
     elif exc.errno == errno.EACCES:
@@ -69,6 +69,8 @@ class ProxyServer:
         self.view = self.pool.view
         self.port = settings.port
         self.admin_port = settings.admin_port
+        self.reuse_port = False
+        """Bind the data port with SO_REUSEPORT: N worker processes share it (lbproxy/workers.py)."""
         self.admin_routes: list[web.AbstractRouteDef] = []
         """Extra routes for the admin app (add before `start`)."""
         self.lifespans: list[Callable[[web.Application], AsyncIterator[None]]] = []
@@ -93,8 +95,10 @@ class ProxyServer:
         return self._loop.time() if self._loop is not None else asyncio.get_running_loop().time()
 
     # --- lifecycle --------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Bind the admin and proxy listeners. A port in use raises ConfigError naming the flag."""
+    async def start(self, before_accepting: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Bind the admin and proxy listeners. A port in use raises ConfigError naming the flag.
+        `before_accepting` runs between the two: a worker gets the supervisor's admin changes applied
+        through its admin listener before it takes a single request (lbproxy/workers.py)."""
         s = self.settings
         self._loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(
@@ -115,6 +119,8 @@ class ProxyServer:
         )
         try:
             await self._start_admin()
+            if before_accepting is not None:
+                await before_accepting()
             await self._start_proxy()
         except BaseException:
             await self._close_all()
@@ -133,7 +139,7 @@ class ProxyServer:
         try:
             await site.start()
         except OSError as exc:
-            raise _bind_error("--admin-port", s.admin_host, s.admin_port, exc) from None
+            raise bind_error("--admin-port", s.admin_host, s.admin_port, exc) from None
         self.admin_port = site.port
 
     async def _start_proxy(self) -> None:
@@ -166,11 +172,13 @@ class ProxyServer:
         )
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, s.host, s.port, backlog=LISTEN_BACKLOG)
+        self._site = web.TCPSite(
+            self._runner, s.host, s.port, backlog=LISTEN_BACKLOG, reuse_port=True if self.reuse_port else None
+        )
         try:
             await self._site.start()
         except OSError as exc:
-            raise _bind_error("--port", s.host, s.port, exc) from None
+            raise bind_error("--port", s.host, s.port, exc) from None
         self.port = self._site.port
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:

@@ -1,0 +1,200 @@
+"""Proxy throughput and CPU per request with `--workers N`, side by side in one run (wrk, 2 real backends).
+
+    .venv/bin/python benchmarks/workers.py [--workers 1,2] [--duration 5] [--rounds 5] [--wrk-threads 1]
+        [--out benchmarks/results/workers.md]
+
+One proxy per worker count (round_robin), started once over the same two backends (256 workers, 1 ms
+constant service: not the bottleneck); rounds interleave the counts so drift on a shared machine hits
+all of them alike. Pinning as ANCHORS.md, widened for N workers: the proxy (supervisor and workers) on
+CPUs 0..N-1, wrk and the backends on the CPUs left over, or on the last CPU when none are (then they
+share it with a worker, and the table says so). CPU per request = the whole proxy tree's utime+stime
+over the run / requests completed. Also measured: the CPU the load side (wrk, backends) used, since on
+a machine with few cores that, not the proxy, sets the ceiling.
+
+The issue 12 targets this measures: throughput >= 0.9 x N x one worker's while the proxy is CPU-bound,
+CPU per request within 10 % of one worker's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (REPO / "benchmarks", REPO / "tests", REPO):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from common import CONNECTIONS, TASKSET, WRK, command, machine, pinned, run_wrk, write_result  # noqa: E402
+from dqn_proxy import bootstrap_median_interval, cpu_s, start_backend  # noqa: E402
+from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
+
+from lbproxy.config import usable_cpus  # noqa: E402
+
+
+def cpu_set(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus)
+
+
+def start_proxy(backends: list[str], workers: int, cpus: list[int]) -> Proc:
+    port, admin = free_port(), free_port()
+    args = ["-m", "lbproxy", "--mode", "serve", "--host", LOOPBACK, "--port", str(port), "--admin-port", str(admin)]
+    args += ["--backends", ",".join(backends), "--health-interval-s", "0", "--workers", str(workers)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(
+        pinned(cpu_set(cpus), [sys.executable, *args]),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    proxy = Proc(p, port, admin)
+    wait_http_ok(f"{proxy.admin_url}/readyz", timeout_s=60, proc=p)
+    return proxy
+
+
+def children_cpu_s() -> float:
+    """CPU of this process's reaped children: each wrk run, once it has exited."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", default="1,2", help="worker counts, comma-separated; the first is the baseline")
+    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=CONNECTIONS)
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (ANCHORS.md: 1; more for many workers)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/workers.md")
+    ap.add_argument("--note", default="", help="free text for the results file")
+    args = ap.parse_args(argv)
+    if shutil.which(WRK) is None:
+        print("workers: wrk not found; install Debian's `wrk` package", file=sys.stderr)
+        return 2
+    counts = [int(x) for x in args.workers.split(",") if x.strip()]
+    cpus = sorted(os.sched_getaffinity(0))
+    widest = max(counts)
+    load_cpus = cpus[widest:] or cpus[-1:]
+    shared = not cpus[widest:]
+    proxy_cpus = {n: cpus[:n] for n in counts}
+    results: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    backends = [start_backend("b1"), start_backend("b2")]  # pinned to CPU 1 (dqn_proxy.start_backend) ...
+    proxies: dict[int, Proc] = {}
+    try:
+        for b in backends:  # ... and to the load CPUs here
+            if TASKSET is not None:
+                subprocess.run([TASKSET, "-a", "-p", "-c", cpu_set(load_cpus), str(b.popen.pid)], capture_output=True)
+        urls = [b.url for b in backends]
+        for n in counts:
+            proxies[n] = start_proxy(urls, n, proxy_cpus[n])
+            run_wrk(proxies[n].url + "/api/light", 1, args.connections, cpu_set(load_cpus), args.wrk_threads)
+        for rnd in range(args.rounds):
+            for n, proxy in proxies.items():
+                c0, b0, w0, t0 = (
+                    cpu_s(proxy.popen.pid),
+                    sum(cpu_s(b.popen.pid) for b in backends),
+                    children_cpu_s(),
+                    time.monotonic(),
+                )
+                r = run_wrk(
+                    proxy.url + "/api/light", args.duration, args.connections, cpu_set(load_cpus), args.wrk_threads
+                )
+                wall = time.monotonic() - t0
+                row = r.as_dict()
+                row["cpu_us_per_req"] = (cpu_s(proxy.popen.pid) - c0) * 1e6 / max(1, r.requests)
+                row["proxy_cores"] = (cpu_s(proxy.popen.pid) - c0) / wall
+                row["load_cores"] = (sum(cpu_s(b.popen.pid) for b in backends) - b0 + children_cpu_s() - w0) / wall
+                results[n].append(row)
+                print(
+                    f"round {rnd + 1} workers {n}: {row['rps']:.0f} req/s, {row['cpu_us_per_req']:.1f} µs CPU/req, "
+                    f"proxy {row['proxy_cores']:.2f} cores, wrk+backends {row['load_cores']:.2f} cores, "
+                    f"errors {row['errors']:.0f}",
+                    flush=True,
+                )
+    finally:
+        for p in [*proxies.values(), *backends]:
+            p.stop()
+            if p.popen.stdout is not None:
+                p.popen.stdout.close()
+    base = counts[0]
+
+    def med(n: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[n])
+
+    lines = [
+        f"| workers | proxy CPUs | req/s (median) | vs {base} | CPU µs/req | vs {base} | proxy cores busy "
+        "| wrk + backends cores busy | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in counts:
+        lines.append(
+            f"| {n} | {cpu_set(proxy_cpus[n])} | {med(n, 'rps'):.0f} | {med(n, 'rps') / med(base, 'rps'):.3f} "
+            f"| {med(n, 'cpu_us_per_req'):.1f} | {med(n, 'cpu_us_per_req') / med(base, 'cpu_us_per_req'):.3f} "
+            f"| {med(n, 'proxy_cores'):.2f} | {med(n, 'load_cores'):.2f} | {med(n, 'p50_ms'):.2f} "
+            f"| {med(n, 'p99_ms'):.2f} | {sum(r['errors'] for r in results[n]):.0f} |"
+        )
+    lines.append("")
+    for n in counts[1:]:
+        rps = [a["rps"] / b["rps"] for a, b in zip(results[n], results[base], strict=True)]
+        cpu = [a["cpu_us_per_req"] / b["cpu_us_per_req"] for a, b in zip(results[n], results[base], strict=True)]
+        for what, xs, target in (
+            ("throughput", rps, f"target >= {0.9 * n / base:.1f} while CPU-bound"),
+            ("CPU per request", cpu, "target <= 1.10"),
+        ):
+            lo, hi = bootstrap_median_interval(xs)
+            lines.append(
+                f"- {what} {n} / {base} workers per round: {', '.join(f'{x:.3f}' for x in xs)} (median "
+                f"{statistics.median(xs):.3f}, 90 % bootstrap interval of the median {lo:.3f}-{hi:.3f}; {target})"
+            )
+    print("\n".join(lines))
+    total = len(cpus)
+    limit = (
+        f"This machine has {total} CPUs: with {widest} workers the proxy, wrk and both backends share them "
+        f"(the load side on CPU {cpu_set(load_cpus)}, which a worker also runs on). The sum of the busy-cores "
+        f"columns shows how close to {total} the whole machine ran: when it is near {total}, the figure measures "
+        "the machine, not the proxy, and throughput cannot scale with workers; CPU per request still says what "
+        "each request costs the proxy."
+        if shared
+        else f"The load side (wrk with {args.wrk_threads} thread(s), both backends) had CPUs {cpu_set(load_cpus)} "
+        "to itself; a busy-cores figure near its CPU count (or wrk's threads) means the load, not the proxy, "
+        "was the limit."
+    )
+    text = [
+        "# Proxy workers: --workers N side by side (same run)",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {machine()}; CPUs this process may use: {usable_cpus()}",
+        f"- command: `{command(argv)}`",
+        f"- load: wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s --latency on /api/light, "
+        f"{args.rounds} interleaved rounds over proxies (round_robin) started once; 2 backends (256 workers, 1 ms "
+        "constant service); "
+        + (
+            f"proxy tree on CPUs 0..N-1, wrk + backends on CPU(s) {cpu_set(load_cpus)}"
+            if TASKSET
+            else "no taskset: unpinned"
+        ),
+        "- CPU µs/req: utime+stime of the supervisor and its workers over the run / requests completed; "
+        "cores busy: CPU seconds / wall seconds of the run (wrk's from its rusage, the backends' from /proc)",
+        f"- note: {args.note}" if args.note else None,
+        "",
+        *lines,
+        "",
+        "## What limits the figure",
+        "",
+        limit,
+    ]
+    write_result(args.out, [t for t in text if t is not None])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
