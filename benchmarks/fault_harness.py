@@ -310,6 +310,59 @@ def sample_process(proc: Proc, t_s: float) -> ProcSample:
     )
 
 
+TCP_STATES = {"01": "established", "08": "close_wait", "0A": "listen"}
+"""/proc/net/tcp state codes (include/net/tcp_states.h) the fd census names; others count as "other"."""
+
+
+@dataclass(frozen=True, slots=True)
+class FdCensus:
+    """What a process's open fds are: a leak shows as fds that none of the live categories explain."""
+
+    total: int
+    upstream_idle: int
+    """TCP connections to a backend port, established: pooled keep-alive connections (they expire)."""
+    close_wait: int
+    """TCP connections the peer closed and this process has not: a leak if they stay."""
+    other_sockets: int
+    files: int
+    """Everything that is not a socket (files, pipes, eventfds, the epoll fd)."""
+
+
+def _tcp_table() -> dict[int, tuple[str, int]]:
+    """inode -> (state code, remote port) for every IPv4/IPv6 TCP socket on the machine."""
+    out: dict[int, tuple[str, int]] = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(name).read_text().splitlines()[1:]:
+                f = line.split()
+                out[int(f[9])] = (f[3], int(f[2].rsplit(":", 1)[1], 16))
+    return out
+
+
+def fd_census(pid: int, backend_ports: Sequence[int]) -> FdCensus:
+    inodes: list[int] = []
+    files = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed between the listing and the readlink
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.append(int(target[8:-1]))
+            else:
+                files += 1
+    tcp = _tcp_table()
+    ports = set(backend_ports)
+    upstream = close_wait = other = 0
+    for inode in inodes:
+        state, remote_port = tcp.get(inode, ("", 0))
+        if state == "01" and remote_port in ports:
+            upstream += 1
+        elif state == "08":
+            close_wait += 1
+        else:
+            other += 1
+    return FdCensus(len(inodes) + files, upstream, close_wait, other, files)
+
+
 class Sampler(threading.Thread):
     """Samples `proc` every `interval_s` from `t0` (perf_counter) until `stop()`."""
 

@@ -18,8 +18,12 @@ comes back `--restart-after-s` later on the same port.
 Verdict (each rule printed with its numbers; exit code 1 when one fails):
 - RSS: the Theil-Sen slope over the second half is at most `--rss-slope-mb-per-min`, or the rise it
   projects over that half is at most `--rss-slack-mb` (on a 15 s half, allocator noise alone is a few MB);
-- fds, threads and tasks: the second half's maximum is at most the first half's plus a slack (the first
-  half holds a whole load cycle and a kill, so its peak is the level a healthy proxy returns to);
+- open fds: once the load has ended, the fds that no live connection explains (all but the pooled
+  keep-alive connections to backends, which expire after 30 s; fault_harness.fd_census) are at most
+  as many as before the load plus `--fd-slack`. Under load the count follows concurrency (client and
+  upstream connections, peaks after a kill), so a comparison of fds under load measures the load;
+- asyncio tasks (when the proxy exports them): at rest at most the count before the load plus a slack;
+- threads: the second half's maximum at most the first half's plus a slack;
 - in flight: zero once the load has ended;
 - replay: the buffer filled and stayed at its capacity;
 - lost requests: none failed except those in flight at a kill (within `KILL_TOLERANCE_S`).
@@ -49,11 +53,13 @@ from common import command, machine, write_result  # noqa: E402
 from fault_harness import (  # noqa: E402
     TASKS_METRIC,
     Clock,
+    FdCensus,
     LoadPhase,
     ProcSample,
     Sampler,
     counters,
     emulated_cluster,
+    fd_census,
     in_flight_at,
     phased_schedule,
     run_with_driver,
@@ -105,9 +111,9 @@ class SoakConfig:
     grace_s: float = 10.0
     rss_slope_mb_per_min: float = 1.0
     rss_slack_mb: float = 8.0
-    fd_slack: int = 32
+    fd_slack: int = 4
     thread_slack: int = 2
-    task_slack: int = 64
+    task_slack: int = 8
 
     def resolved(self) -> SoakConfig:
         d = self.duration_s
@@ -140,6 +146,10 @@ class SoakRun:
     proxy_args: list[str]
     samples: list[ProcSample]
     idle: ProcSample | None
+    census_start: FdCensus | None = None
+    """The proxy's fds before the load (after its boot)."""
+    census_rest: FdCensus | None = None
+    """... and SETTLE_S after the last answer."""
     kills: list[tuple[float, int]] = field(default_factory=list)
     """(time from the load's zero, backend index) of each SIGKILL."""
     restarts: list[tuple[float, int]] = field(default_factory=list)
@@ -216,6 +226,7 @@ def run_soak(cfg: SoakConfig, work_dir: Path) -> SoakRun:
         mode, args = proxy_args(cfg, len(schedule), buffer_size, work_dir / "run")
         proxy = start_lbproxy(cluster.urls, args, work_dir / "proxy.log", mode=mode)
         run = SoakRun(cfg, capacity, phases, buffer_size, [f"--mode {mode}", *args], [], None)
+        run.census_start = fd_census(proxy.popen.pid, cluster.ports)
         samplers: list[Sampler] = []
         try:
 
@@ -244,6 +255,7 @@ def run_soak(cfg: SoakConfig, work_dir: Path) -> SoakRun:
             if proxy.popen.poll() is None:
                 t0 = samplers[0].t0 if samplers else t_end
                 run.idle = sample_process(proxy, time.perf_counter() - t0)
+                run.census_rest = fd_census(proxy.popen.pid, cluster.ports)
                 run.counters = counters(proxy.admin_url)
             run.samples = samplers[0].samples if samplers else []
         finally:
@@ -272,6 +284,21 @@ def _peak_rule(name: str, first: list[float], second: list[float], slack: float)
     return Rule(name, b <= a + slack, f"max {b:g} in the second half vs {a:g} in the first (slack {slack:g})")
 
 
+def _fd_rule(run: SoakRun) -> Rule:
+    a, b = run.census_start, run.census_rest
+    if a is None or b is None:
+        return Rule("open fds", False, "not measured (proxy gone before the rest sample)")
+    unexplained = (b.total - b.upstream_idle) - (a.total - a.upstream_idle)
+    peak = max((s.fds for s in run.samples), default=0)
+    detail = (
+        f"{unexplained:+d} unexplained at rest (slack {run.config.fd_slack}): {b.total} fds at rest, "
+        f"{b.upstream_idle} of them pooled connections to backends, {b.close_wait} in CLOSE_WAIT, {b.files} "
+        f"not sockets; {a.total} before the load ({a.upstream_idle} pooled, {a.files} not sockets); "
+        f"{peak} at most under load"
+    )
+    return Rule("open fds", unexplained <= run.config.fd_slack, detail)
+
+
 def verdict(run: SoakRun) -> list[Rule]:
     cfg = run.config
     first, second = _halves(run)
@@ -292,15 +319,17 @@ def verdict(run: SoakRun) -> list[Rule]:
         )
     else:
         rules.append(Rule("RSS flat", False, f"only {len(second)} samples in the second half"))
-    rules.append(_peak_rule("open fds", [s.fds for s in first], [s.fds for s in second], cfg.fd_slack))
+    rules.append(_fd_rule(run))
     rules.append(_peak_rule("threads", [s.threads for s in first], [s.threads for s in second], cfg.thread_slack))
-    tasks1 = [s.tasks for s in first if s.tasks is not None]
-    tasks2 = [s.tasks for s in second if s.tasks is not None]
-    if tasks1 and tasks2:
-        rules.append(_peak_rule("asyncio tasks", tasks1, tasks2, cfg.task_slack))
+    idle = run.idle
+    start_tasks = run.samples[0].tasks if run.samples else None
+    if start_tasks is not None and idle is not None and idle.tasks is not None:
+        ok = idle.tasks <= start_tasks + cfg.task_slack
+        detail = f"{idle.tasks:g} at rest vs {start_tasks:g} before the load (slack {cfg.task_slack}); "
+        detail += f"max {max(s.tasks or 0 for s in run.samples):g} under load"
+        rules.append(Rule("asyncio tasks", ok, detail))
     else:
         rules.append(Rule("asyncio tasks", True, f"not measured: the proxy exports no {TASKS_METRIC} gauge"))
-    idle = run.idle
     if idle is not None and idle.in_flight is not None:
         rules.append(Rule("in flight after the load", idle.in_flight == 0, f"{idle.in_flight:g} requests"))
     else:
@@ -315,7 +344,7 @@ def verdict(run: SoakRun) -> list[Rule]:
     detail = f"{other} failed outside kills, {at_kill} in flight at one of {len(run.kills)} kills, of {n} requests"
     if other:
         detail += " (first: " + "; ".join(run.lost_outside_kills()[:5]) + ")"
-    rules.append(Rule("no lost requests", other == 0, detail))
+    rules.append(Rule(LOST_RULE, other == 0, detail))
     return rules
 
 
@@ -370,7 +399,6 @@ def report(run: SoakRun, rules: list[Rule], argv: Sequence[str], table_every_s: 
     assert run.result is not None
     s = run.result.summary
     at_kill, other = run.lost()
-    flat = all(r.ok for r in rules)
     loads = " -> ".join(f"{x:g}" for x in cfg.loads)
     return [
         "# Soak: live learning under phased load with periodic backend kills",
@@ -391,7 +419,7 @@ def report(run: SoakRun, rules: list[Rule], argv: Sequence[str], table_every_s: 
         f"tasks = {TASKS_METRIC} when exported",
         f"- run time: {run.elapsed_s / 60:.1f} min",
         "",
-        f"## Verdict: {'FLAT' if flat else 'NOT FLAT'}",
+        f"## Verdict: {headline(rules)}",
         "",
         *(f"- {'ok' if r.ok else 'FAIL'} {r.name}: {r.detail}" for r in rules),
         "",
@@ -408,9 +436,22 @@ def report(run: SoakRun, rules: list[Rule], argv: Sequence[str], table_every_s: 
     ]
 
 
+LOST_RULE = "no lost requests"
+
+
+def headline(rules: list[Rule]) -> str:
+    """Resources (every rule but the lost-requests one) flat or not, and the lost-requests rule."""
+    resources = [r for r in rules if r.name != LOST_RULE]
+    bad = [r.name for r in resources if not r.ok]
+    lost = next((r for r in rules if r.name == LOST_RULE), None)
+    text = "resources FLAT" if not bad else f"resources NOT FLAT ({', '.join(bad)})"
+    if lost is not None:
+        text += "; no request lost outside kills" if lost.ok else "; requests lost outside kills"
+    return text
+
+
 def print_verdict(rules: list[Rule]) -> None:
-    flat = all(r.ok for r in rules)
-    print(f"soak verdict: {'FLAT' if flat else 'NOT FLAT'}", flush=True)
+    print(f"soak verdict: {headline(rules)}", flush=True)
     for r in rules:
         print(f"  {'ok  ' if r.ok else 'FAIL'} {r.name}: {r.detail}", flush=True)
 
