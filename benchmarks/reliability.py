@@ -28,6 +28,7 @@ import math
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ class Plan:
     hang_s: float = 15.0
     down_s: float = 3.0
     return_wait_s: float = 40.0
-    """Window after each recovery: the proxy's default ejection (30 s, Envoy's) must fit in it."""
+    """Window after each recovery, before the next event: the proxy's default ejection (30 s, Envoy's)
+    fits in it, so the events do not overlap. The wait for a backend's return goes on in the background
+    until the all-down event (the events in between concern other backends)."""
     recover_s: float = 20.0
     client_timeout_s: float = 10.0
     """Per-request client timeout: shorter than `hang_s`, so a request left waiting on the hung backend
@@ -168,8 +171,24 @@ def _victim_state(proxy: Proc, name: str) -> float:
 
 def _wait_back(
     clock: Clock, proxies: dict[str, Proc], names: dict[str, list[str]], i: int, marks: Marks, end_s: float
-) -> None:
+) -> threading.Thread:
+    """Note in `marks.back_s` when each proxy relays a new 2xx from backend i, polling until `end_s`
+    in a thread of its own: the next events (on other backends) go on meanwhile."""
     base = {p: _victim_state(proxy, names[p][i]) for p, proxy in proxies.items()}
+    thread = threading.Thread(target=_poll_back, args=(clock, proxies, names, i, marks, end_s, base), daemon=True)
+    thread.start()
+    return thread
+
+
+def _poll_back(
+    clock: Clock,
+    proxies: dict[str, Proc],
+    names: dict[str, list[str]],
+    i: int,
+    marks: Marks,
+    end_s: float,
+    base: dict[str, float],
+) -> None:
     waiting = dict(proxies)
     while waiting and clock.now() < end_s - POLL_S:
         time.sleep(POLL_S)
@@ -200,13 +219,16 @@ def drive_events(clock: Clock, cluster: EmulatedCluster, proxies: dict[str, Proc
     starts = plan.starts()
     marks = {e: Marks() for e in ("kill", "errors", "hang", "all_down")}
     one_at_a_time = (
-        ("kill", 0, plan.restart_after_s, lambda: cluster.kill(0), lambda: cluster.restart(0), "errors"),
-        ("errors", 1, plan.error_s, lambda: cluster.fault(1, error_rate=1.0), lambda: cluster.reset(1), "hang"),
-        ("hang", 2, plan.hang_s, lambda: cluster.fault(2, pause=True), lambda: cluster.reset(2), "all_down"),
+        ("kill", 0, plan.restart_after_s, lambda: cluster.kill(0), lambda: cluster.restart(0)),
+        ("errors", 1, plan.error_s, lambda: cluster.fault(1, error_rate=1.0), lambda: cluster.reset(1)),
+        ("hang", 2, plan.hang_s, lambda: cluster.fault(2, pause=True), lambda: cluster.reset(2)),
     )
-    for event, victim, hold_s, fault, restore, next_event in one_at_a_time:
+    pollers = []
+    for event, victim, hold_s, fault, restore in one_at_a_time:
         _event(clock, marks[event], starts[event], hold_s, fault, restore)
-        _wait_back(clock, proxies, names, victim, marks[event], starts[next_event])
+        pollers.append(_wait_back(clock, proxies, names, victim, marks[event], starts["all_down"] - GAP_S))
+    for poller in pollers:
+        poller.join()
     every = range(cluster.n)
     _event(
         clock,
