@@ -1,9 +1,10 @@
 """`lbproxy --mode train` on live traffic: the real proxy routes with the DQN while it learns.
 
-Episodes are `episode_decisions` routed decisions. Every `metrics_every` episodes a row goes to
-RUN_DIR/metrics/training_metrics.csv (same columns as the simulator trainer, phase = "live"); every
-`checkpoint_every` episodes a checkpoint goes to RUN_DIR/checkpoints/; on SIGINT/SIGTERM or after
-`--episodes` episodes the proxy stops accepting, drains in-flight requests, checkpoints and writes
+Episodes are `episode_decisions` routed decisions (lbproxy/live_episodes.py). The run directory is
+the simulator trainer's (rl/run_dir.py): every `metrics_every` episodes a CSV row (phase = "live",
+pooling the decisions of the episodes it closes), every `checkpoint_every` episodes a checkpoint, the
+run's warnings and errors in logs/training_errors.log; on SIGINT/SIGTERM or after `--episodes`
+episodes the proxy stops accepting, drains in-flight requests, checkpoints and writes
 RUN_DIR/dqn_final.pth, then exits 0: live training has no natural end, a stop signal is how it ends
 (the simulator trainer, whose run is unfinished when stopped, exits 143 instead). A SIGKILL loses
 only what came after the last checkpoint: checkpoints are written atomically (lbproxy/rl/checkpoint.py).
@@ -20,17 +21,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbproxy.config import ConfigError, Settings
 from lbproxy.live_episodes import EpisodeTracker, merge_windows
 from lbproxy.observe import WindowStats, WindowSummary
 from lbproxy.policies.dqn_runtime import DqnRuntime, create_dqn_runtime
+from lbproxy.rl.run_dir import RunDir, metrics_row
 from lbproxy.serve import run_async
-from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter, Metrics
+from lbproxy.telemetry import Metrics
 
-CSV_FIELDS = TRAINING_METRIC_FIELDS
-"""A row pools the decisions of the episodes it closes."""
+if TYPE_CHECKING:
+    from lbproxy.proxy import ProxyServer
+    from lbproxy.rl.network import QNetwork
+
 LIVE_FORMAT = "lbproxy-live/1"
 PROGRESS_EVERY_EPISODES = 10
 DRAIN_TIMEOUT_S = 10.0
@@ -39,8 +43,7 @@ DRAIN_TIMEOUT_S = 10.0
 class LiveTrainer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.run_dir = Path(settings.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_dir = RunDir(settings.run_dir)
         self.total_episodes = settings.resolved_episodes()
         self.episode = 0
         self.start_step = 0
@@ -53,33 +56,24 @@ class LiveTrainer:
         self.capacity = [b.weight for b in settings.backends]
 
     # --- set-up ---------------------------------------------------------------------------------
-    def _initial_state(self) -> tuple[Any, dict[str, Any] | None]:
+    def _initial_state(self) -> tuple[QNetwork | None, dict[str, Any] | None]:
         """(init network or None, learner state or None) from --resume / --init-model."""
-        from lbproxy.rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
+        from lbproxy.rl.checkpoint import CheckpointError, load_model
 
         s = self.settings
-        if s.resume:
-            path = latest_checkpoint(self.run_dir)
-            if path is None:
-                raise ConfigError(f"--resume: no checkpoint in {str(self.ckpt_dir)!r}; run without --resume to start")
-            try:
-                payload = load_checkpoint(path)
-            except CheckpointError as exc:
-                raise ConfigError(str(exc)) from None
-            if payload.get("format") != LIVE_FORMAT:
-                raise ConfigError(
-                    f"--resume: {str(path)!r} is not a live-training checkpoint; "
-                    "use a fresh --run-dir for live training"
-                )
-            arch = payload.get("arch", {})
-            if arch.get("hidden") != s.hidden:
-                raise ConfigError(
-                    f"--resume: checkpoint network hidden={arch.get('hidden')} differs from --hidden {s.hidden}; "
-                    "pass the same network settings"
-                )
-            self.episode = int(payload["episode"])
-            self.start_step = int(payload["decisions"])
-            return None, payload["learner"]
+        opened = self.run_dir.open(resume=s.resume, fmt=LIVE_FORMAT, trainer="live-training")
+        if opened is not None:
+            path, payload = opened
+            with RunDir.restoring(path):
+                hidden = payload["arch"]["hidden"]
+                if hidden != s.hidden:
+                    raise ConfigError(
+                        f"--resume: checkpoint network hidden={hidden} differs from --hidden {s.hidden}; "
+                        "pass the same network settings"
+                    )
+                self.episode = int(payload["episode"])
+                self.start_step = int(payload["decisions"])
+                return None, dict(payload["learner"])
         if s.init_model is not None:
             if not Path(s.init_model).is_file():
                 raise ConfigError(f"--init-model {str(s.init_model)!r} not found; pass an existing model file")
@@ -95,8 +89,6 @@ class LiveTrainer:
         """Consume completed episode windows; returns the episode numbers that need a checkpoint."""
         due: list[int] = []
         s = self.settings
-        rt = self.rt
-        assert rt is not None
         while tracker.completed and self.episode < self.total_episodes:
             self.windows.append(tracker.completed.pop(0))
             self.episode += 1
@@ -118,26 +110,23 @@ class LiveTrainer:
         assert rt is not None
         merged = merge_windows(self.windows)
         cap = (self.capacity + [1.0] * len(merged.load))[: len(merged.load)]  # backends added at runtime: 1.0
-        summary = merged.summary(cap)
+        sm = self.last_summary = merged.summary(cap)
         self.windows = []
-        self.last_summary = summary
-        loss = rt.learner.last_loss if rt.learner is not None else float("nan")
+        lrn = rt.learner
+        values = {
+            "mean_reward": sm.mean_reward,
+            "gini": sm.gini,
+            "accuracy": sm.accuracy,
+            "mean_ms": sm.mean_latency_s * 1000,
+            "p50_ms": sm.p50_s * 1000,
+            "p99_ms": sm.p99_s * 1000,
+            "error_rate": sm.error_rate,
+            "loss": lrn.last_loss if lrn is not None else float("nan"),
+        }
+        updates = lrn.total_updates if lrn is not None else 0
+        wall_s = time.monotonic() - self.t0
         self.csv.write(
-            {
-                "episode": self.episode,
-                "phase": "live",
-                "mean_reward": f"{summary.mean_reward:.5f}",
-                "gini": f"{summary.gini:.4f}",
-                "accuracy": f"{summary.accuracy:.4f}",
-                "mean_ms": f"{summary.mean_latency_s * 1000:.3f}",
-                "p50_ms": f"{summary.p50_s * 1000:.3f}",
-                "p99_ms": f"{summary.p99_s * 1000:.3f}",
-                "error_rate": f"{summary.error_rate:.4f}",
-                "loss": f"{loss:.6g}",
-                "epsilon": f"{rt.policy.epsilon:.4f}",
-                "updates": rt.learner.total_updates if rt.learner is not None else 0,
-                "wall_s": f"{time.monotonic() - self.t0:.2f}",
-            }
+            metrics_row(self.episode, "live", values, epsilon=rt.policy.epsilon, updates=updates, wall_s=wall_s)
         )
 
     def _progress(self) -> None:
@@ -159,10 +148,10 @@ class LiveTrainer:
         print("lbproxy train: " + ", ".join(p for p in parts if p), file=sys.stderr, flush=True)
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
+    def _save_checkpoint(self) -> Path:
         rt = self.rt
         assert rt is not None and rt.learner is not None and rt.arch is not None
-        return {
+        payload = {
             "format": LIVE_FORMAT,
             "episode": self.episode,
             "decisions": self.start_step + rt.policy.decisions,
@@ -170,16 +159,9 @@ class LiveTrainer:
             "arch": dict(rt.arch),
             "seed": self.settings.seed,
         }
-
-    def _save_checkpoint(self) -> Path:
-        from lbproxy.rl.checkpoint import checkpoint_path, save_checkpoint
-
-        path = checkpoint_path(self.run_dir, self.episode)
-        save_checkpoint(path, self._payload())
-        return path
+        return self.run_dir.save_checkpoint(self.episode, payload, self.settings.keep_checkpoints)
 
     def _save_final(self) -> Path:
-        from lbproxy.rl.checkpoint import save_model
         from lbproxy.rl.network import QNetwork
 
         rt = self.rt
@@ -187,27 +169,20 @@ class LiveTrainer:
         state = rt.learner.snapshot()
         net = QNetwork(rt.arch["hidden"])
         net.load_state_dict({k: v.cpu() for k, v in state["online"].items()})
-        path = self.run_dir / "dqn_final.pth"
-        save_model(
-            path,
-            net,
-            {"env": "live", "episodes": self.episode, "decisions": self.start_step + rt.policy.decisions},
-        )
-        return path
+        meta = {"env": "live", "episodes": self.episode, "decisions": self.start_step + rt.policy.decisions}
+        return self.run_dir.save_final(net, meta)
 
     # --- main -----------------------------------------------------------------------------------
-    async def run(self) -> int:
+    async def _start(self) -> tuple[ProxyServer, EpisodeTracker]:
+        """The runtime (learner in train mode) behind a started proxy."""
         from lbproxy.proxy import ProxyServer
         from lbproxy.proxy.admin import admin_token
-        from lbproxy.rl.checkpoint import remove_partial_writes
         from lbproxy.serve import tune_gc
 
         s = self.settings
         admin_token(s)  # an exposed admin listener without a token: refuse before loading anything
         net, learner_state = self._initial_state()
-        remove_partial_writes(self.run_dir)  # a save cut by SIGKILL: never a checkpoint, only litter
-        n = len(s.backends)
-        tracker = EpisodeTracker(n, s.episode_decisions, s.error_penalty)
+        tracker = EpisodeTracker(len(s.backends), s.episode_decisions, s.error_penalty)
         self.rt = rt = create_dqn_runtime(
             s,
             None,
@@ -219,24 +194,29 @@ class LiveTrainer:
             epsilon_start_step=self.start_step,
             tracker=tracker,
         )
-        self.csv = CsvMetricsWriter(self.run_dir / "metrics" / "training_metrics.csv", CSV_FIELDS)
+        rt.report = self.run_dir.log.error  # a dead learner: on stderr and in the run's error log
+        self.csv = self.run_dir.metrics_writer()
         server = ProxyServer(s, rt.policy, self.metrics)
         server.lifespans.append(rt.lifespan)  # learner thread + gauges start/stop with the app
         await server.start()
         tune_gc()
+        print(
+            f"lbproxy train (live): proxy on {s.host}:{server.port}, admin {s.admin_host}:{server.admin_port}, "
+            f"{len(s.backends)} backends, episodes {self.episode}->{self.total_episodes} x {s.episode_decisions} "
+            f"decisions, run dir {self.run_dir.root}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return server, tracker
+
+    async def _train(self, tracker: EpisodeTracker) -> None:
+        """Until a stop signal or the last episode: consume episodes, checkpoint those due."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         wake = asyncio.Event()
         tracker.on_episode = wake.set
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(
-            f"lbproxy train (live): proxy on {s.host}:{server.port}, admin {s.admin_host}:{server.admin_port}, "
-            f"{n} backends, episodes {self.episode}->{self.total_episodes} x {s.episode_decisions} decisions, "
-            f"run dir {self.run_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
         if self.episode >= self.total_episodes:
             stop.set()
         try:
@@ -252,17 +232,27 @@ class LiveTrainer:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            await server.stop(DRAIN_TIMEOUT_S)  # drains in-flight requests, then stops the learner
-            self._on_episodes(tracker, asyncio.Event())
-            self._write_row()
-            ckpt = await asyncio.to_thread(self._save_checkpoint)
-            final = await asyncio.to_thread(self._save_final)
-            self.csv.close()
-            print(
-                f"lbproxy train (live): stopped after episode {self.episode}; checkpoint {ckpt}, model {final}",
-                file=sys.stderr,
-                flush=True,
-            )
+
+    async def run(self) -> int:
+        server, tracker = await self._start()
+        with self.run_dir.log.capturing():
+            try:
+                await self._train(tracker)
+            except Exception as exc:
+                self.run_dir.log.write("ERROR", f"live training stopped: {type(exc).__name__}: {exc}", exc)
+                raise
+            finally:
+                await server.stop(DRAIN_TIMEOUT_S)  # drains in-flight requests, then stops the learner
+                self._on_episodes(tracker, asyncio.Event())
+                self._write_row()
+                ckpt = await asyncio.to_thread(self._save_checkpoint)
+                final = await asyncio.to_thread(self._save_final)
+                self.csv.close()
+                print(
+                    f"lbproxy train (live): stopped after episode {self.episode}; checkpoint {ckpt}, model {final}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn_runtime import create_dqn_runtime
 from lbproxy.rl.online import BackgroundLearner
 from lbproxy.rl.reward_join import DecisionRecord, DecisionTable
+from lbproxy.rl.run_dir import ERROR_LOG, RunDir
 
 
 def rec(t_s: float, action: int = 0) -> DecisionRecord:
@@ -229,3 +231,16 @@ async def test_process_learner_updates_and_publishes_weights() -> None:
     finally:
         await rt.stop()
     assert not multiprocessing.active_children()
+
+
+def test_a_dead_learner_is_reported_once_where_the_runtime_reports(tmp_path: Path) -> None:
+    """Live training points the runtime's report at its run's error log (live_train.py)."""
+    rt = create_dqn_runtime(small_settings(), ClusterView.create(2), None, train=True, total_decisions=100)
+    log = RunDir(tmp_path).log
+    rt.report = log.error
+    assert rt.learner is not None and not rt.check_learner()
+    rt.learner.error = RuntimeError("injected learner fault")
+    assert rt.check_learner() and rt.check_learner()
+    lines = (tmp_path / ERROR_LOG).read_text().splitlines()
+    assert len(lines) == 1 and "ERROR lbproxy: learner stopped (RuntimeError: injected learner fault)" in lines[0]
+    rt.engine.close()

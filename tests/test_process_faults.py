@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import multiprocessing
 import os
 import random
 import signal
@@ -398,12 +399,13 @@ async def test_learner_process_killed_is_counted_and_routing_goes_on(
 ) -> None:
     server, policy, metrics = await _serve_dqn(backend, learner_process=True)
     try:
-        learner = policy.learner
+        published = policy.engine.version  # every update publishes (weight_sync_every=1)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and learner.updates < 2:  # the process is up and learning
+        while time.monotonic() < deadline and policy.engine.version < published + 2:  # up and learning
             assert set(await _requests(server.port, 10)) == {200}
-        assert learner.updates >= 2
-        os.kill(learner._proc.pid, signal.SIGKILL)
+        assert policy.engine.version >= published + 2
+        (learner_process,) = multiprocessing.active_children()
+        os.kill(learner_process.pid, signal.SIGKILL)
         await _until_counted(server.port, metrics)
         assert set(await _requests(server.port, 40)) == {200}
         assert policy.fallback_counts["no_model"] == 0

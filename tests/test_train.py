@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from lbproxy.config import ConfigError, Settings
-from lbproxy.rl.trainer import EXIT_INTERRUPTED, METRIC_FIELDS, latest_checkpoint, run_train_sim
+from lbproxy.rl.checkpoint import latest_checkpoint
+from lbproxy.rl.run_dir import ERROR_LOG, METRIC_FIELDS
+from lbproxy.rl.trainer import EXIT_INTERRUPTED, run_train_sim
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,6 +74,9 @@ def test_resume_gives_identical_weights(full_run: Path, tmp_path: Path) -> None:
         "dqn_episode_0015.pth",
     ]
     assert not (split / "dqn_final.pth").exists()
+    # Why the run stopped is in its error log (an uninterrupted run has none).
+    assert "stopped after episode 15" in (split / ERROR_LOG).read_text()
+    assert not (full_run / ERROR_LOG).exists()
     assert run_train_sim(tiny(split, resume=True)) == 0
     a, b = final_weights(full_run), final_weights(split)
     assert a.keys() == b.keys()

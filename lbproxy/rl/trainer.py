@@ -9,11 +9,11 @@ exact: only the agent, learner, replay buffer and RNG states must be saved, as s
 `lbproxy.phases.phase_index_for_episode(ep, episodes)`: the run is a three-phase curriculum
 (steady -> mixed -> peak, see lbproxy/phases.py) over equal thirds.
 
-Outputs under RUN_DIR: `metrics/training_metrics.csv` (a row every `metrics_every` episodes, the
-columns are :data:`METRIC_FIELDS`), `checkpoints/dqn_episode_XXXX.pth` every `checkpoint_every`
-episodes (atomic; state_dicts and primitives only, loaded with weights_only=True) and
-`dqn_final.pth` (the online network, lbproxy.rl.checkpoint.save_model format) at the end. Only the
-newest `keep_checkpoints` checkpoints are kept: each holds the replay buffer (~70 MB by default).
+Outputs under RUN_DIR (rl/run_dir.py, the same layout as live training): `metrics/training_metrics.csv`
+(a row every `metrics_every` episodes), `checkpoints/dqn_episode_XXXX.pth` every `checkpoint_every`
+episodes, `logs/training_errors.log` (warnings and errors) and `dqn_final.pth` (the online network)
+at the end. Only the newest `keep_checkpoints` checkpoints are kept: each holds the replay buffer
+(~70 MB by default).
 
 Cost: the default run (6000 episodes x 256 decisions, 0.25 updates per decision at batch 128, one torch
 thread) took 491 CPU-seconds (~8.5 min of one core) on a 2-vCPU EPYC guest (2026-11-24); measured with
@@ -31,7 +31,6 @@ temp file cut short is never taken for a checkpoint, and the CSV rows after it a
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import sys
@@ -57,20 +56,12 @@ from lbproxy.observe import (
     is_accurate,
 )
 from lbproxy.phases import phase_index_for_episode
-from lbproxy.rl.checkpoint import (
-    CheckpointError,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    remove_partial_writes,
-    save_checkpoint,
-    save_model,
-)
+from lbproxy.rl.run_dir import RunDir, capture_rng_state, metrics_row, restore_rng_state
 from lbproxy.sim.suite import TrainingSet, train_sim_seed
-from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter
+from lbproxy.telemetry import CsvMetricsWriter
 
-TRAIN_FORMAT = "lbproxy-train/1"
+TRAIN_FORMAT = "lbproxy-train/2"
+"""/2: the agent keeps its update pacer's debt and no global RNG state (the trainer's, saved once); /1 is refused."""
 EXIT_INTERRUPTED = 130
 """Exit code after SIGINT (Ctrl-C): checkpoint saved, run unfinished."""
 EXIT_TERMINATED = 128 + int(signal.SIGTERM)
@@ -83,9 +74,8 @@ the queues are at their working level when the policy takes over."""
 PROGRESS_MIN_INTERVAL_S = 5.0
 """At most one progress line per this many wall seconds (plus the first and the last)."""
 
-METRIC_FIELDS = TRAINING_METRIC_FIELDS
-"""Columns of metrics/training_metrics.csv; each row averages the per-episode statistics of the
-`metrics_every` episodes it closes (loss: mean of the episodes' last losses, NaN before learning)."""
+# Each row of metrics/training_metrics.csv (rl/run_dir.METRIC_FIELDS) averages the per-episode statistics
+# of the `metrics_every` episodes it closes (loss: mean of the episodes' last losses, NaN before learning).
 
 # Settings that change the result of a run: a resume with any of them different is refused.
 FINGERPRINT_FIELDS = (
@@ -199,24 +189,8 @@ class _Window:
         vals = [r[key] for r in self.rows if not math.isnan(r[key])]
         return sum(vals) / len(vals) if vals else math.nan
 
-
-def _rng_state() -> dict[str, Any]:
-    """Global Python/NumPy/torch RNG states as primitives and tensors (weights_only-loadable)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
-    return {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [str(np_name), [int(k) for k in np_keys], int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py_version, py_state, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
+    def means(self) -> dict[str, float]:
+        return {k: self.mean(k) for k in self.rows[0]} if self.rows else {}
 
 
 class _StopLatch:
@@ -233,6 +207,10 @@ class _StopLatch:
     @property
     def exit_code(self) -> int:
         return EXIT_TERMINATED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+    @property
+    def reason(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "stop requested"
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
@@ -260,27 +238,6 @@ def _stop_latch() -> Iterator[_StopLatch]:
             signal.signal(sig, handler)
 
 
-def _truncate_csv(path: Path, last_episode: int) -> None:
-    """On resume, drop rows written after the checkpoint (they will be written again, identically),
-    a row cut short by a SIGKILL included. Rewritten atomically: a kill meanwhile keeps the old file."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if not lines:
-        return
-    kept = [lines[0]]
-    for line in lines[1:]:
-        head = line.split(",", 1)[0]
-        if head.isdigit() and int(head) <= last_episode and line.endswith("\n"):
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as fh:
-        fh.write("".join(kept))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -299,55 +256,52 @@ def _resolve_training_set(settings: Settings) -> TrainingSet:
         raise ConfigError(str(exc)) from None
 
 
-def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
-    """Train the DQN in the simulator; returns the exit code. `stop_after` (tests only) stops after
-    that many episodes as if Ctrl-C had been pressed, so a run can be split and resumed exactly."""
-    from lbproxy.rl.agent import DqnAgent
-    from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
-    from lbproxy.rl.replay import ReplayBuffer
+class SimTrainer:
+    """One `--env sim` training run: the agent, its learner and replay, the run directory, and the
+    episode loop. `run()` returns the exit code."""
 
-    if settings.seed < 0:
-        raise ConfigError(f"invalid setting --seed: must be >= 0 for simulator training, got {settings.seed}")
-    train_set = _resolve_training_set(settings)
-    episodes = settings.resolved_episodes()
-    run_dir = settings.run_dir
-    fp = fingerprint(settings, train_set, episodes)
-    device = resolve_device(settings.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # one core: the MLP is small and the default run is sized for one core
+    def __init__(self, settings: Settings) -> None:
+        from lbproxy.rl.agent import DqnAgent
+        from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
+        from lbproxy.rl.replay import ReplayBuffer
 
-    width = train_set.width
-    cfg = DqnConfig.from_settings(settings)
-    random.seed(settings.seed)
-    np.random.seed(settings.seed % 2**32)
-    torch.manual_seed(settings.seed)
-    learner = Learner(cfg, device=device)
-    replay = ReplayBuffer(cfg.buffer_size, feature_dim(width), width, seed=settings.seed)
-    agent = DqnAgent(
-        learner,
-        replay,
-        cfg,
-        total_decisions=episodes * settings.episode_decisions,
-        seed=settings.seed,
-        width=width,
-    )
+        if settings.seed < 0:
+            raise ConfigError(f"invalid setting --seed: must be >= 0 for simulator training, got {settings.seed}")
+        self.settings = settings
+        self.train_set = _resolve_training_set(settings)
+        self.episodes = settings.resolved_episodes()
+        self.run_dir = RunDir(settings.run_dir)
+        self.fp = fingerprint(settings, self.train_set, self.episodes)
+        self.device = resolve_device(settings.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # one core: the MLP is small and the default run is sized for one core
+        width = self.train_set.width
+        cfg = DqnConfig.from_settings(settings)
+        random.seed(settings.seed)
+        np.random.seed(settings.seed % 2**32)
+        torch.manual_seed(settings.seed)
+        self.learner = Learner(cfg, device=self.device)
+        self.replay = ReplayBuffer(cfg.buffer_size, feature_dim(width), width, seed=settings.seed)
+        self.agent = DqnAgent(
+            self.learner,
+            self.replay,
+            cfg,
+            total_decisions=self.episodes * settings.episode_decisions,
+            seed=settings.seed,
+            width=width,
+        )
+        self.start_episode = 0
+        self.window = _Window()
+        self.wall_before = 0.0
+        self.t0 = time.perf_counter()
 
-    start_episode = 0
-    window = _Window()
-    wall_before = 0.0
-    ckpt_dir = run_dir / "checkpoints"
-    csv_path = run_dir / "metrics" / "training_metrics.csv"
-    if settings.resume:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start training")
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as exc:
-            raise ConfigError(str(exc)) from None
-        if state.get("format") != TRAIN_FORMAT:
-            raise ConfigError(f"{path} is not a training checkpoint ({TRAIN_FORMAT}); delete it or use another run dir")
-        saved_fp = state.get("fingerprint", {})
+    def resume(self) -> None:
+        """Open the run directory; with --resume restore every state from the newest checkpoint."""
+        opened = self.run_dir.open(resume=self.settings.resume, fmt=TRAIN_FORMAT, trainer="simulator-training")
+        if opened is None:
+            return
+        path, state = opened
+        fp, saved_fp = self.fp, state.get("fingerprint", {})
         diff = [k for k in sorted(set(fp) | set(saved_fp)) if fp.get(k) != saved_fp.get(k)]
         if diff:
             k = diff[0]
@@ -355,136 +309,155 @@ def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
                 f"--resume: {path} was trained with {k}={saved_fp.get(k)!r}, now {k}={fp.get(k)!r}; "
                 f"resume with the same settings ({', '.join(diff)} differ) or start a new --run-dir"
             )
-        try:
-            learner.load_state_dict(state["learner"])
-            replay.load_state_dict(state["replay"])
-            agent.load_state_dict(state["agent"])
-            _set_rng_state(state["rng"])
-            start_episode = int(state["episode"])
-            window = _Window(rows=[dict(r) for r in state["window"]])
-            wall_before = float(state["wall_s"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-            reason = " ".join(str(exc).split())[:120]
-            raise ConfigError(
-                f"{path} is an incomplete or incompatible training checkpoint ({type(exc).__name__}: {reason}); "
-                "delete it to resume from an older one, or start a new --run-dir"
-            ) from None
-        _truncate_csv(csv_path, start_episode)
-        print(f"lbproxy: resuming {run_dir} from episode {start_episode} ({path.name})", file=sys.stderr)
-    elif latest_checkpoint(run_dir) is not None or (run_dir / "dqn_final.pth").exists():
-        raise ConfigError(
-            f"{run_dir} already holds a training run; pass --resume to continue it or choose another --run-dir"
-        )
-    else:
-        _truncate_csv(csv_path, 0)  # rows of a run killed before its first checkpoint: not this run's
-    remove_partial_writes(run_dir)  # a save cut by SIGKILL: never a checkpoint, only litter
-    final = run_dir / "dqn_final.pth"
+        with RunDir.restoring(path):
+            self.learner.load_state_dict(state["learner"])
+            self.replay.load_state_dict(state["replay"])
+            self.agent.load_state_dict(state["agent"])
+            restore_rng_state(state["rng"])
+            self.start_episode = int(state["episode"])
+            self.window = _Window(rows=[dict(r) for r in state["window"]])
+            self.wall_before = float(state["wall_s"])
+        print(f"lbproxy: resuming {self.run_dir.root} from episode {self.start_episode} ({path.name})", file=sys.stderr)
 
-    def write_final(wall: float) -> None:
-        meta = {
-            "trained_by": "lbproxy --mode train --env sim",
-            "episodes": episodes,
-            "wall_s": round(wall, 1),
-            "device": str(device),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in fp.items()},
-        }
-        save_model(final, learner.online, meta)
+    def wall_s(self) -> float:
+        return self.wall_before + (time.perf_counter() - self.t0)
 
-    if start_episode >= episodes:
-        if not final.exists():  # killed between the last checkpoint and the final model
-            write_final(wall_before)
-        print(f"lbproxy: {run_dir} already finished {episodes} episodes; model {final}", file=sys.stderr)
-        return 0
-
-    def save(episode_done: int) -> Path:
-        path = checkpoint_path(run_dir, episode_done)
+    def save(self, episode_done: int) -> Path:
         payload = {
             "format": TRAIN_FORMAT,
             "episode": episode_done,
-            "fingerprint": fp,
-            "learner": learner.state_dict(),
-            "replay": replay.state_dict(),
-            "agent": agent.state_dict(),
-            "rng": _rng_state(),
-            "window": [dict(r) for r in window.rows],
-            "wall_s": wall_before + (time.perf_counter() - t0),
+            "fingerprint": self.fp,
+            "learner": self.learner.state_dict(),
+            "replay": self.replay.state_dict(),
+            "agent": self.agent.state_dict(),
+            "rng": capture_rng_state(),
+            "window": [dict(r) for r in self.window.rows],
+            "wall_s": self.wall_s(),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, payload)
-        if settings.keep_checkpoints > 0:
-            prune_checkpoints(run_dir, settings.keep_checkpoints)
-        return path
+        return self.run_dir.save_checkpoint(episode_done, payload, self.settings.keep_checkpoints)
 
-    writer = CsvMetricsWriter(csv_path, METRIC_FIELDS)
-    t0 = time.perf_counter()
-    last_print = -math.inf
-    print(
-        f"lbproxy: training {episodes} episodes x {settings.episode_decisions} decisions on scenario "
-        f"{train_set.name!r}, device {device}, run dir {run_dir}",
-        file=sys.stderr,
-    )
-    try:
-        with _stop_latch() as latch:
-            for ep in range(start_episode, episodes):
-                phase = min(phase_index_for_episode(ep, episodes), train_set.phase_count - 1)
-                s, _stats = run_episode(
-                    lambda _sim: agent,
-                    train_set.scenario(ep),
-                    train_sim_seed(settings.seed, ep),
-                    phase,
-                    settings.episode_decisions,
-                    first_id=int(agent.decisions),
-                    error_penalty=settings.error_penalty,
-                )
-                window.add(
-                    phase=float(phase),
-                    mean_reward=s.mean_reward,
-                    gini=s.gini,
-                    accuracy=s.accuracy,
-                    mean_ms=s.mean_latency_s * 1e3,
-                    p50_ms=s.p50_s * 1e3,
-                    p99_ms=s.p99_s * 1e3,
-                    error_rate=s.error_rate,
-                    loss=float(agent.last_loss),
-                )
-                done = ep + 1
-                elapsed = time.perf_counter() - t0
-                if done % settings.metrics_every == 0 or done == episodes:
-                    writer.write(
-                        {
-                            "episode": done,
-                            "phase": phase + 1,
-                            **{k: f"{window.mean(k):.6g}" for k in METRIC_FIELDS[2:10]},
-                            "epsilon": f"{agent.epsilon:.4f}",
-                            "updates": learner.updates,
-                            "wall_s": f"{wall_before + elapsed:.1f}",
-                        }
-                    )
-                    if time.perf_counter() - last_print >= PROGRESS_MIN_INTERVAL_S or done == episodes:
-                        last_print = time.perf_counter()
-                        rate = (done - start_episode) / max(elapsed, 1e-9)
-                        print(
-                            f"episode {done}/{episodes}  phase {phase + 1}  reward {window.mean('mean_reward'):.3f}  "
-                            f"p99 {window.mean('p99_ms'):.1f} ms  acc {window.mean('accuracy'):.2f}  "
-                            f"eps {agent.epsilon:.3f}  loss {window.mean('loss'):.4g}  "
-                            f"{rate:.1f} ep/s  ETA {_format_eta((episodes - done) / rate)}",
-                            file=sys.stderr,
+    def write_final(self, wall: float) -> Path:
+        meta = {
+            "trained_by": "lbproxy --mode train --env sim",
+            "episodes": self.episodes,
+            "wall_s": round(wall, 1),
+            "device": str(self.device),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in self.fp.items()},
+        }
+        return self.run_dir.save_final(self.learner.online, meta)
+
+    def episode(self, ep: int) -> int:
+        """Run episode `ep` and add it to the metrics window; returns its (0-based) phase."""
+        s, agent = self.settings, self.agent
+        phase = min(phase_index_for_episode(ep, self.episodes), self.train_set.phase_count - 1)
+        summary, _stats = run_episode(
+            lambda _sim: agent,
+            self.train_set.scenario(ep),
+            train_sim_seed(s.seed, ep),
+            phase,
+            s.episode_decisions,
+            first_id=int(agent.decisions),
+            error_penalty=s.error_penalty,
+        )
+        self.window.add(
+            phase=float(phase),
+            mean_reward=summary.mean_reward,
+            gini=summary.gini,
+            accuracy=summary.accuracy,
+            mean_ms=summary.mean_latency_s * 1e3,
+            p50_ms=summary.p50_s * 1e3,
+            p99_ms=summary.p99_s * 1e3,
+            error_rate=summary.error_rate,
+            loss=float(agent.last_loss),
+        )
+        return phase
+
+    def report(self, done: int, phase: int, writer: CsvMetricsWriter, last_print: float) -> float:
+        """The CSV row the window closes, and a progress line at most every PROGRESS_MIN_INTERVAL_S;
+        returns when the last progress line was printed."""
+        wall = self.wall_s()
+        means = self.window.means()
+        writer.write(
+            metrics_row(done, phase + 1, means, epsilon=self.agent.epsilon, updates=self.learner.updates, wall_s=wall)
+        )
+        if time.perf_counter() - last_print >= PROGRESS_MIN_INTERVAL_S or done == self.episodes:
+            last_print = time.perf_counter()
+            rate = (done - self.start_episode) / max(wall - self.wall_before, 1e-9)
+            print(
+                f"episode {done}/{self.episodes}  phase {phase + 1}  reward {means['mean_reward']:.3f}  "
+                f"p99 {means['p99_ms']:.1f} ms  acc {means['accuracy']:.2f}  eps {self.agent.epsilon:.3f}  "
+                f"loss {means['loss']:.4g}  {rate:.1f} ep/s  ETA {_format_eta((self.episodes - done) / rate)}",
+                file=sys.stderr,
+            )
+        self.window = _Window()
+        return last_print
+
+    def train(self, stop_after: int | None) -> int | None:
+        """The episode loop; the exit code when a stop signal (or `stop_after`) ended it early."""
+        s, log = self.settings, self.run_dir.log
+        writer = self.run_dir.metrics_writer()
+        last_print = -math.inf
+        diverged = False
+        try:
+            with _stop_latch() as latch:
+                for ep in range(self.start_episode, self.episodes):
+                    phase = self.episode(ep)
+                    done = ep + 1
+                    if not diverged and self.learner.updates and not math.isfinite(self.agent.last_loss):
+                        diverged = True
+                        log.warning(f"lbproxy: episode {done}: the TD loss is {self.agent.last_loss} (diverged?)")
+                    if done % s.metrics_every == 0 or done == self.episodes:
+                        last_print = self.report(done, phase, writer, last_print)
+                    stopping = latch.requested or (stop_after is not None and done >= stop_after)
+                    if done % s.checkpoint_every == 0 or (stopping and done < self.episodes):
+                        self.save(done)
+                    if stopping and done < self.episodes:
+                        resume_cmd = f"lbproxy --mode train --env sim --resume --run-dir {self.run_dir.root}"
+                        log.warning(
+                            f"lbproxy: stopped after episode {done} ({latch.reason}); checkpoint saved. "
+                            f"Resume with: {resume_cmd}"
                         )
-                    window = _Window()
-                stopping = latch.requested or (stop_after is not None and done >= stop_after)
-                if done % settings.checkpoint_every == 0 or (stopping and done < episodes):
-                    save(done)
-                if stopping and done < episodes:
-                    resume_cmd = f"lbproxy --mode train --env sim --resume --run-dir {run_dir}"
-                    print(
-                        f"lbproxy: stopped after episode {done}; checkpoint saved. Resume with: {resume_cmd}",
-                        file=sys.stderr,
-                    )
-                    return latch.exit_code
-    finally:
-        writer.close()
+                        return latch.exit_code
+        finally:
+            writer.close()
+        return None
 
-    wall = wall_before + (time.perf_counter() - t0)
-    write_final(wall)
-    print(f"lbproxy: done: {episodes} episodes in {_format_eta(wall)}; model {final}", file=sys.stderr)
-    return 0
+    def run(self, stop_after: int | None = None) -> int:
+        self.resume()
+        final = self.run_dir.final_model
+        if self.start_episode >= self.episodes:
+            if not final.exists():  # killed between the last checkpoint and the final model
+                self.write_final(self.wall_before)
+            print(
+                f"lbproxy: {self.run_dir.root} already finished {self.episodes} episodes; model {final}",
+                file=sys.stderr,
+            )
+            return 0
+        s, log = self.settings, self.run_dir.log
+        print(
+            f"lbproxy: training {self.episodes} episodes x {s.episode_decisions} decisions on scenario "
+            f"{self.train_set.name!r}, device {self.device}, run dir {self.run_dir.root}",
+            file=sys.stderr,
+        )
+        self.t0 = time.perf_counter()
+        with log.capturing():
+            try:
+                stopped = self.train(stop_after)
+            except KeyboardInterrupt:
+                log.write("WARNING", "aborted by a second stop signal: the episodes after the last checkpoint are lost")
+                raise
+            except Exception as exc:
+                log.write("ERROR", f"training stopped: {type(exc).__name__}: {exc}", exc)
+                raise
+        if stopped is not None:
+            return stopped
+        wall = self.wall_s()
+        self.write_final(wall)
+        print(f"lbproxy: done: {self.episodes} episodes in {_format_eta(wall)}; model {final}", file=sys.stderr)
+        return 0
+
+
+def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
+    """Train the DQN in the simulator; returns the exit code. `stop_after` (tests only) stops after
+    that many episodes as if Ctrl-C had been pressed, so a run can be split and resumed exactly."""
+    return SimTrainer(settings).run(stop_after)
