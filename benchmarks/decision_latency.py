@@ -42,8 +42,8 @@ from common import command, load_routing_network, machine, write_result  # noqa:
 
 from lbproxy.observe import MAX_BACKENDS, ClusterView, DispatchModel, Outcome, encode_state, feature_dim  # noqa: E402
 from lbproxy.policies import make_policy  # noqa: E402
-from lbproxy.policies.base import AsyncPolicy  # noqa: E402
 from lbproxy.policies.dqn import DqnPolicy  # noqa: E402
+from lbproxy.policy import AsyncPolicy  # noqa: E402
 from lbproxy.rl.batcher import InferenceEngine  # noqa: E402
 from lbproxy.rl.iteration import OFF_LOOP_LEVELS  # noqa: E402
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from common import machine
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policies.base import Policy
+from lbproxy.policy import Policy
 from lbproxy.sim import SedOracle, Simulator, load_scenario
 
 SCENARIOS = ("curriculum", "heterogeneous")

@@ -4,7 +4,7 @@ Fairness. Episode k of every policy runs in a fresh `Simulator(scenario, eval_si
 so all policies see exactly the same arrival times, classes, service-time and error draws (the
 simulator's common random numbers). Each episode starts like a training episode: a warm-up of
 `WARMUP_DECISIONS` routed by the SED oracle (identical for every policy, not counted), then
-`episode_decisions` routed by the policy under test, in the same Simulator.run (trainer.WarmupThen).
+`episode_decisions` routed by the policy under test, in the same Simulator.run (sim/episode.py).
 Episode k runs in phase `phase_index_for_episode(k, episodes)`, so an evaluation covers the three
 phases like training did.
 
@@ -34,7 +34,7 @@ from lbproxy.config import ConfigError, Settings
 from lbproxy.observe import percentile
 from lbproxy.phases import phase_index_for_episode
 from lbproxy.rl.network import QNetwork
-from lbproxy.rl.trainer import WARMUP_DECISIONS, run_episode
+from lbproxy.sim.episode import WARMUP_DECISIONS, run_episode
 
 EVAL_SEED_BASE = 1_000_000
 """First evaluation simulator seed (plus --seed); far from training seeds (seed * 2**32 + episode)."""

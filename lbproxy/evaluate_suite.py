@@ -193,8 +193,8 @@ def format_report(rows: list[ClusterRow], agg: dict[str, float], header: dict[st
 def run_suite(settings: Settings) -> int:
     from lbproxy.evaluate import load_greedy_model
     from lbproxy.rl.checkpoint import default_model_path
-    from lbproxy.rl.trainer import WARMUP_DECISIONS
     from lbproxy.sim import ScenarioError
+    from lbproxy.sim.episode import WARMUP_DECISIONS
     from lbproxy.sim.suite import parse_suite
 
     assert settings.suite is not None

@@ -24,9 +24,9 @@ from support import LOOPBACK, REPO, Proc, free_port, start_backend, start_proxy
 
 from lbproxy.config import Settings
 from lbproxy.observe import F_LATENCY_ALL, MAX_BACKENDS, ClusterView, Outcome
-from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn import DqnPolicy
 from lbproxy.policies.dqn_runtime import create_dqn_runtime
+from lbproxy.policy import resolve
 from lbproxy.rl.batcher import InferenceEngine
 from lbproxy.rl.network import QNetwork, RowScorer
 from lbproxy.telemetry import Metrics

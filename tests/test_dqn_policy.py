@@ -14,9 +14,9 @@ from nets import column_net
 
 from lbproxy.config import Settings
 from lbproxy.observe import F_LOG_IN_FLIGHT, MAX_BACKENDS, ClusterView, Outcome, encode_state
-from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn import DqnPolicy
 from lbproxy.policies.dqn_runtime import DqnRuntime, create_dqn_runtime
+from lbproxy.policy import resolve
 from lbproxy.rl.network import QNetwork
 from lbproxy.rl.online import BackgroundLearner
 from lbproxy.telemetry import Metrics

@@ -21,7 +21,7 @@ from lbproxy.observe import ERROR_PENALTY, MAX_BACKENDS, learning_width
 from lbproxy.rl.agent import GreedyDqn
 from lbproxy.rl.checkpoint import default_model_path, load_model
 from lbproxy.rl.network import NumpyWeights, RowScorer
-from lbproxy.rl.trainer import run_episode
+from lbproxy.sim.episode import run_episode
 from lbproxy.sim.generator import generate_scenario
 from lbproxy.sim.gym_env import ENV_ID, ClusterEnv
 from lbproxy.sim.suite import train_sim_seed
@@ -122,7 +122,7 @@ def test_default_episodes_are_the_training_episodes() -> None:
 
 
 def test_greedy_episode_is_evaluations_greedy_episode(weights: NumpyWeights) -> None:
-    """The env runs trainer.run_episode: the shipped model routes it exactly as evaluation's GreedyDqn."""
+    """The env runs sim.episode.run_episode: the shipped model routes it exactly as evaluation's GreedyDqn."""
     env = ClusterEnv()
     (rec,) = run(env, greedy_agent(weights), 3, 1)
     sim_seed = rec["reset"]["sim_seed"]

@@ -14,8 +14,8 @@ import torch
 
 from lbproxy.config import Settings
 from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_mask, encode_state, feature_dim, reward
-from lbproxy.policies.base import resolve
 from lbproxy.policies.dqn_runtime import create_dqn_runtime
+from lbproxy.policy import resolve
 from lbproxy.rl.online import BackgroundLearner
 from lbproxy.rl.reward_join import DecisionRecord, DecisionTable
 from lbproxy.rl.run_dir import ERROR_LOG, RunDir

@@ -425,7 +425,7 @@ async def test_async_policy_contract_in_process(cluster: tuple[Proc, Proc, Proc]
     from aiohttp import web
 
     from lbproxy.config import load_settings
-    from lbproxy.policies.base import AsyncPolicy
+    from lbproxy.policy import AsyncPolicy
     from lbproxy.proxy import ProxyServer
     from lbproxy.telemetry import Metrics
 

@@ -17,7 +17,7 @@ from nets import column_net
 
 from lbproxy.config import Settings
 from lbproxy.observe import F_LOG_IN_FLIGHT, F_VALID, ROW_FEATURES, ClusterView, Outcome, encode_state, feature_dim
-from lbproxy.policies.base import NoBackendAvailable, Policy
+from lbproxy.policy import NoBackendAvailable, Policy
 from lbproxy.rl.action_selection import masked_argmax
 from lbproxy.rl.agent import DqnAgent, GreedyDqn
 from lbproxy.rl.checkpoint import (

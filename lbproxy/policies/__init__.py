@@ -1,14 +1,14 @@
-"""Balancing policies: the Policy protocol, the eight heuristic baselines and their registry.
+"""Balancing policies: the eight heuristic baselines and their registry (the Policy protocol they
+implement is lbproxy/policy.py, re-exported here).
 
 The DQN policy needs a network, a batcher and a learner, so it is built by
-`lbproxy.policies.dqn.create_dqn_runtime`, not here.
+`lbproxy.policies.dqn_runtime.create_dqn_runtime`, not here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from lbproxy.policies.base import AsyncPolicy, NoBackendAvailable, Policy
 from lbproxy.policies.c3 import C3
 from lbproxy.policies.least_conn import LeastConn
 from lbproxy.policies.p2c import PowerOfTwoChoices
@@ -17,6 +17,7 @@ from lbproxy.policies.prequal import Prequal
 from lbproxy.policies.random_choice import RandomChoice
 from lbproxy.policies.round_robin import RoundRobin
 from lbproxy.policies.sed import ShortestExpectedDelay
+from lbproxy.policy import AsyncPolicy, NoBackendAvailable, Policy
 
 __all__ = [
     "C3",
@@ -52,7 +53,7 @@ HEURISTICS: tuple[str, ...] = ("round_robin", "random", "least_conn", "p2c", "pe
 def make_policy(name: str, seed: int = 0) -> Policy:
     """A fresh heuristic policy; `seed` makes its random choices reproducible."""
     if name == "dqn":
-        raise ValueError("the DQN policy is built by lbproxy.policies.dqn (create_dqn_runtime), not make_policy")
+        raise ValueError("the DQN policy is built by lbproxy.policies.dqn_runtime.create_dqn_runtime, not make_policy")
     factory = _FACTORIES.get(name)
     if factory is None:
         raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(HEURISTICS)}")

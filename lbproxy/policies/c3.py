@@ -40,7 +40,7 @@ import math
 import random
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 
 CLIENTS = 1
 """n in q_s = 1 + os_s * n + qbar_s: the proxy knows of no other client of its backends."""

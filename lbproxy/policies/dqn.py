@@ -18,7 +18,7 @@ from typing import Any
 from lbproxy.guardrail import Guardrail
 from lbproxy.live_episodes import EpisodeTracker
 from lbproxy.observe import MAX_BACKENDS, ClusterView, Outcome
-from lbproxy.policies.base import Decision, NoBackendAvailable, Policy, resolve
+from lbproxy.policy import Decision, NoBackendAvailable, Policy, resolve
 from lbproxy.rl.action_selection import EpsilonGreedy, best_candidate
 from lbproxy.rl.batcher import InferenceEngine
 from lbproxy.rl.iteration import LATE, IterationScheduler, Snapshot

@@ -14,7 +14,7 @@ from operator import itemgetter
 from typing import Any
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 
 
 class LeastConn:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 
 
 class PowerOfTwoChoices:

@@ -17,7 +17,7 @@ import math
 import random
 
 from lbproxy.observe import PEAK_EWMA_TAU_S, ClusterView, Outcome
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 
 
 class PeakEwma:

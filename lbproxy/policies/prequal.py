@@ -48,7 +48,7 @@ from operator import itemgetter
 from typing import Any
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 
 Q_RIF = 0.84
 """Quantile of the RIF distribution above which a backend is hot: the paper's default."""

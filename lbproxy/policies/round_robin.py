@@ -10,7 +10,7 @@ chosen exactly weight times, interleaved (5,1,1 gives a a b a c a a, not a a a a
 from __future__ import annotations
 
 from lbproxy.observe import MAX_BACKENDS, ClusterView, Outcome
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 
 
 class RoundRobin:

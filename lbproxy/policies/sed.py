@@ -15,7 +15,7 @@ import math
 import random
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 
 _TIE_REL = 1e-9
 """Relative tolerance for ties; the same as `observe.sed_choices` so the choice is always one of its."""

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from lbproxy.observe import ClusterView, Outcome, classify_path
-from lbproxy.policies.base import AsyncPolicy, NoBackendAvailable
+from lbproxy.policy import AsyncPolicy, NoBackendAvailable
 from lbproxy.proxy.batched_metrics import BatchedCounter, BatchedHistogram
 from lbproxy.proxy.body import ClientBodyError, GuardedBody, too_large
 from lbproxy.proxy.headers import forwarded_items, request_head, response_headers

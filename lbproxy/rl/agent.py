@@ -1,4 +1,4 @@
-"""The DQN as a simulator Policy (`lbproxy.policies.base.Policy`, name "dqn").
+"""The DQN as a simulator Policy (`lbproxy.policy.Policy`, name "dqn").
 
 The simulator calls `choose` for each arrival and `observe` for each completion (after
 `view.on_complete`, so the view `observe` sees is the state right after the request left: s').
@@ -31,7 +31,7 @@ from lbproxy.observe import (
     feature_dim,
     state_width,
 )
-from lbproxy.policies.base import NoBackendAvailable
+from lbproxy.policy import NoBackendAvailable
 from lbproxy.rl.action_selection import EpsilonGreedy, best_candidate
 from lbproxy.rl.learner import DqnConfig, Learner
 from lbproxy.rl.network import NumpyWeights, RowScorer

@@ -2,7 +2,7 @@
 
 Episodes. An episode is `episode_decisions` routed decisions in a *fresh* Simulator seeded from
 (seed, episode) (:func:`train_sim_seed`), after a short warm-up in the same simulator run, routed by
-the SED oracle and neither recorded nor learned from (:class:`WarmupThen`): it fills the backends'
+the SED oracle and neither recorded nor learned from (lbproxy/sim/episode.py): it fills the backends'
 queues and the view's latency estimates, so an episode does not start from an idle, unmeasured
 cluster. Making every episode's traffic a pure function of (seed, episode) is what makes `--resume`
 exact: only the agent, learner, replay buffer and RNG states must be saved, as state_dicts. The phase of episode `ep` is
@@ -35,7 +35,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +47,11 @@ import torch
 
 from lbproxy.config import ConfigError, Settings
 from lbproxy.observe import (
-    ERROR_PENALTY,
-    ClusterView,
-    Outcome,
-    WindowStats,
-    WindowSummary,
     feature_dim,
-    is_accurate,
 )
 from lbproxy.phases import phase_index_for_episode
 from lbproxy.rl.run_dir import RunDir, capture_rng_state, metrics_row, restore_rng_state
+from lbproxy.sim.episode import run_episode
 from lbproxy.sim.suite import TrainingSet, train_sim_seed
 from lbproxy.telemetry import CsvMetricsWriter
 
@@ -66,11 +61,6 @@ EXIT_INTERRUPTED = 130
 """Exit code after SIGINT (Ctrl-C): checkpoint saved, run unfinished."""
 EXIT_TERMINATED = 128 + int(signal.SIGTERM)
 """Exit code after SIGTERM (143): checkpoint saved, run unfinished; `--resume` continues it."""
-WARMUP_DECISIONS = 128
-"""Decisions the SED oracle routes before each episode (not recorded, not learned from): enough for
-every backend of a 16-slot cluster to complete a few requests, so the latency features are warm and
-the queues are at their working level when the policy takes over."""
-
 PROGRESS_MIN_INTERVAL_S = 5.0
 """At most one progress line per this many wall seconds (plus the first and the last)."""
 
@@ -104,76 +94,6 @@ def fingerprint(settings: Settings, train_set: TrainingSet, episodes: int) -> di
     fp["scenario_digest"] = train_set.digest
     fp["width"] = train_set.width
     return fp
-
-
-class WarmupThen:
-    """A Policy for one episode's Simulator: the SED oracle routes the first `warmup` decisions (not
-    recorded, not learned from), then `policy` routes the rest, which are recorded in `stats`.
-
-    Warm-up and episode run in ONE `Simulator.run`, so the view's in-flight counts stay exact at the
-    hand-over (a separate warm-up run would drain its completions from the view but leave their work
-    on the servers). Decision ids are shifted so that `policy` sees its own lifetime numbering: each
-    episode's Simulator counts from 0, the agent keeps counting across episodes.
-    Accuracy (vs the SED oracle with true rates) and Gini use lbproxy.observe, as the simulator does.
-    """
-
-    def __init__(self, sim: Any, policy: Any, warmup: int, first_id: int, stats: WindowStats) -> None:
-        from lbproxy.sim import SedOracle
-
-        self.name = policy.name
-        self._warm = SedOracle(sim)
-        self._policy = policy
-        self._warmup = warmup
-        self._offset = first_id - warmup
-        self._rates = sim.true_rates  # live [class][server] lists
-        self._k = 0
-        self.stats = stats
-
-    def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
-        k = self._k
-        self._k = k + 1
-        if k < self._warmup:
-            return self._warm.choose(req_class, view, now_s)
-        action = int(self._policy.choose(req_class, view, now_s))
-        ok = is_accurate(action, view.in_flight, self._rates[req_class], view.candidates)
-        self.stats.record_decision(action, ok)
-        return action
-
-    def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
-        if outcome.decision_id < self._warmup:
-            return
-        self.stats.record_outcome(outcome, view.typical_all_s)
-        out = Outcome(
-            outcome.backend,
-            outcome.req_class,
-            outcome.latency_s,
-            outcome.error,
-            outcome.decision_id + self._offset,
-            outcome.service_time_s,
-        )
-        self._policy.observe(out, view, now_s)
-
-
-def run_episode(
-    make_policy: Callable[[Any], Any],
-    scenario: Any,
-    sim_seed: int,
-    phase: int,
-    decisions: int,
-    *,
-    first_id: int = 0,
-    error_penalty: float = ERROR_PENALTY,
-) -> tuple[WindowSummary, WindowStats]:
-    """One episode on a fresh Simulator(scenario, sim_seed): SED-oracle warm-up, then `decisions`
-    routed by `make_policy(sim)`. Returns the episode's summary and its raw window (for pooling)."""
-    from lbproxy.sim import Simulator
-
-    sim = Simulator(scenario, sim_seed, phase=phase, error_penalty=error_penalty)
-    stats = WindowStats(n=sim.n, error_penalty=error_penalty)
-    sim.run(
-        WarmupThen(sim, make_policy(sim), WARMUP_DECISIONS, first_id, stats), WARMUP_DECISIONS + decisions, record=False
-    )
-    return stats.summary(capacity=sim.capacity_rps(), candidates=sim.view.candidates), stats
 
 
 @dataclass

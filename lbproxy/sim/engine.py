@@ -67,7 +67,7 @@ from lbproxy.observe import (
     reward,
 )
 from lbproxy.outlier import OutlierConfig, OutlierDetector, SlowStart, route_candidates
-from lbproxy.policies.base import Policy
+from lbproxy.policy import Policy
 from lbproxy.sim.arrivals import ArrivalStream
 from lbproxy.sim.scenario import Scenario
 

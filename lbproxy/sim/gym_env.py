@@ -18,7 +18,7 @@
 
 (`gymnasium.make("lbproxy.sim.gym_env:lbproxy/Cluster-v0")` imports the module itself.)
 
-One episode is the episode that training and evaluation run (`lbproxy.rl.trainer.run_episode`): a
+One episode is the episode that training and evaluation run (`lbproxy.sim.episode.run_episode`): a
 fresh Simulator, WARMUP_DECISIONS requests routed by the SED oracle, then `episode_decisions` routed
 by the agent, one step each. Simulator.run drives its policy (it calls `choose` for every arrival),
 so the run happens in a helper thread whose policy hands each decision to `step`'s caller and waits
@@ -88,9 +88,10 @@ from lbproxy.observe import (
     encode_state,
     reward,
 )
-from lbproxy.policies import NoBackendAvailable, PeakEwma
-from lbproxy.rl.trainer import run_episode
+from lbproxy.policies.peak_ewma import PeakEwma
+from lbproxy.policy import NoBackendAvailable
 from lbproxy.sim.engine import Simulator
+from lbproxy.sim.episode import run_episode
 from lbproxy.sim.generator import GENERATED, Split, generate_scenario
 from lbproxy.sim.scenario import Scenario, load_scenario
 from lbproxy.sim.suite import TrainingSet, train_sim_seed

@@ -1,4 +1,7 @@
-"""The Policy protocol that every balancing algorithm implements, heuristics and the DQN alike."""
+"""The Policy protocol that every balancing algorithm implements, heuristics and the DQN alike.
+
+It sits below the algorithms (lbproxy/policies/), the learning code (lbproxy/rl/) and the simulator
+(lbproxy/sim/), which all meet through it: nothing here imports any of them."""
 
 from __future__ import annotations
 
