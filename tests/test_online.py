@@ -1,4 +1,4 @@
-"""Reward join, decision-table bounds and expiry, and the background learner thread."""
+"""The live reward join through the dqn runtime, and the background learner thread and process."""
 
 from __future__ import annotations
 
@@ -13,41 +13,11 @@ import pytest
 import torch
 
 from lbproxy.config import Settings
-from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_mask, encode_state, feature_dim, reward
+from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_mask, encode_state, reward
 from lbproxy.policies.dqn_runtime import create_dqn_runtime
 from lbproxy.policy import resolve
 from lbproxy.rl.online import BackgroundLearner
-from lbproxy.rl.reward_join import DecisionRecord, DecisionTable
 from lbproxy.rl.run_dir import ERROR_LOG, RunDir
-
-
-def rec(t_s: float, action: int = 0) -> DecisionRecord:
-    return DecisionRecord(np.zeros(feature_dim(16), np.float32), action, 0, t_s)
-
-
-def test_table_is_bounded_and_counts_what_it_drops() -> None:
-    table = DecisionTable(max_entries=10, ttl_s=1e9)
-    for i in range(25):
-        table.put(i, rec(float(i)))
-    assert len(table) == 10
-    assert table.expired == 15
-    assert table.pop(3) is None  # the oldest went first
-    popped = table.pop(24)
-    assert popped is not None and popped.t_s == 24.0
-
-
-def test_table_ttl_expiry_counted() -> None:
-    table = DecisionTable(max_entries=100, ttl_s=5.0)
-    for i in range(10):
-        table.put(i, rec(float(i)))
-    # Each insert also drops what its own timestamp puts past the TTL: t < 9 - 5 -> 0..3 are gone.
-    assert table.expired == 4 and len(table) == 6
-    assert table.expire(now_s=9.5) == 1  # t < 4.5: record 4
-    assert table.expired == 5 and len(table) == 5
-    assert table.pop(4) is None and table.pop(5) is not None
-    table.put(100, rec(20.0))
-    assert len(table) == 1
-    assert table.expired == 9
 
 
 def small_settings(**kw: object) -> Settings:

@@ -57,11 +57,6 @@ class EpsilonGreedy:
         self.step = step
         self.epsilon = schedule.value(step)
 
-    @classmethod
-    def constant(cls, epsilon: float, random: Callable[[], float]) -> EpsilonGreedy:
-        """ε fixed at `epsilon` (online learning while serving: ε = eps_end)."""
-        return cls(EpsilonSchedule(epsilon, epsilon, 1), random)
-
     def explores(self) -> bool:
         eps = self.epsilon
         return eps > 0.0 and self._random() < eps

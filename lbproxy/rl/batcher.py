@@ -434,8 +434,4 @@ class InferenceEngine:
             self._executor = None
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-__all__ = ["InferenceEngine", "cuda_available", "limit_blas_threads"]
+__all__ = ["InferenceEngine", "limit_blas_threads"]

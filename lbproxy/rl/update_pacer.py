@@ -53,10 +53,6 @@ class UpdatePacer:
             owed = self.max_debt
         return owed
 
-    def backlog(self, fed: int) -> int:
-        """Updates owed right now, before the debt cap (read-only; any thread)."""
-        return int(fed * self.ratio) - self.consumed - self.forgiven
-
     def ran(self) -> None:
         self.consumed += 1
 
