@@ -165,11 +165,11 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
         await asyncio.sleep(0)
     state = encode_state(view, 0, 3.0, rt.policy.width)
     rows = state[: view.n * ROW_FEATURES].reshape(view.n, ROW_FEATURES)
-    out = rt.engine.inline_pass(rows, state[rt.policy.width * ROW_FEATURES :], rows[:0])
-    assert out is not None
+    passed = rt.engine.inline_pass(rows, state[rt.policy.width * ROW_FEATURES :], rows[:0])
+    assert passed is not None
     with torch.inference_mode():
         expected = lrn.learner.online(torch.from_numpy(state)[None])[0, : view.n].numpy()
-    np.testing.assert_allclose(out[1] - out[1][0], expected - expected[0], atol=1e-4)
+    np.testing.assert_allclose(passed[1] - passed[1][0], expected - expected[0], atol=1e-4)
 
 
 @pytest.mark.slow

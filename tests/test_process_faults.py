@@ -405,6 +405,7 @@ async def test_learner_process_killed_is_counted_and_routing_goes_on(
             assert set(await _requests(server.port, 10)) == {200}
         assert policy.engine.version >= published + 2
         (learner_process,) = multiprocessing.active_children()
+        assert learner_process.pid is not None
         os.kill(learner_process.pid, signal.SIGKILL)
         await _until_counted(server.port, metrics)
         assert set(await _requests(server.port, 40)) == {200}

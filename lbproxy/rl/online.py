@@ -25,11 +25,12 @@ import copy
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from lbproxy.rl.replay import TransitionBatch
+from lbproxy.rl.learner import Learner
+from lbproxy.rl.replay import ReplayBuffer, TransitionBatch
 from lbproxy.rl.update_pacer import UpdatePacer
 
 LEARNER_NICE = 10
@@ -68,26 +69,6 @@ def run_paced(
         idle_s = min(2 * idle_s, IDLE_WAIT_MAX_S)
 
 
-class _Replay(Protocol):
-    def add_batch(self, batch: TransitionBatch) -> None: ...
-
-    def sample(self, batch_size: int, device: torch.device | str = ...) -> Any: ...
-
-    def __len__(self) -> int: ...
-
-
-class _Learner(Protocol):
-    @property
-    def online(self) -> torch.nn.Module: ...
-
-    @property
-    def updates(self) -> int: ...
-
-    def update(self, batch: Any) -> float: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-
 class BackgroundLearner:
     """Runs learner updates in a worker thread, paced by `pacer`.
 
@@ -98,8 +79,8 @@ class BackgroundLearner:
 
     def __init__(
         self,
-        learner: _Learner,
-        replay: _Replay,
+        learner: Learner,
+        replay: ReplayBuffer,
         *,
         pacer: UpdatePacer,
         batch_size: int,
