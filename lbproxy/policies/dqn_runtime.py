@@ -247,6 +247,23 @@ def _learner(
     return BackgroundLearner(core, replay, **common)
 
 
+def _epsilon_schedule(settings: Settings, total_decisions: int | None) -> EpsilonSchedule:
+    """Training: from eps_start to eps_end over eps_fraction of `total_decisions`. Online learning
+    while serving (None): ε stays at eps_end, so the agent keeps sampling the alternatives it learns
+    about."""
+    s = settings
+    if total_decisions is None:
+        return EpsilonSchedule(s.eps_end, s.eps_end, 1)
+    return EpsilonSchedule.for_training(s.eps_start, s.eps_end, s.eps_fraction, total_decisions)
+
+
+def _guardrail(settings: Settings, metrics: Metrics | None) -> Guardrail | None:
+    if settings.control_share <= 0.0:
+        return None
+    switched = metrics.guardrail_switched if metrics is not None else None
+    return Guardrail(control_share=settings.control_share, seed=settings.seed, on_switch=switched)
+
+
 def create_dqn_runtime(
     settings: Settings,
     view: ClusterView | None = None,
@@ -260,14 +277,10 @@ def create_dqn_runtime(
     tracker: EpisodeTracker | None = None,
     engine_cls: type[InferenceEngine] = InferenceEngine,
 ) -> DqnRuntime:
-    """Build the dqn policy for the proxy.
-
-    serve (default): greedy, weights from `net`, else `settings.model` (or the shipped default),
-    learning only with `--online` (then ε = eps_end, so the agent keeps sampling the alternatives it
-    learns about). train (`train=True`, used by live_train): ε schedule over `total_decisions` from
-    `epsilon_start_step`, learner always on, weights from `learner_state` (--resume), `net` (e.g.
-    --init-model) or a fresh network. `view` sizes a learning state (else the configured backends).
-    """
+    """Build the dqn policy for the proxy. serve (default): greedy, weights from `net`, else
+    `settings.model` (or the shipped default), learning only with `--online`. train (`train=True`,
+    live_train): ε schedule over `total_decisions` from `epsilon_start_step`, weights from
+    `learner_state` (--resume), `net` (--init-model) or fresh. `view` sizes a learning state."""
     is_train = settings.mode == "train" if train is None else train
     learning = is_train or settings.online
     n = view.n if view is not None else max(1, len(settings.backends))
@@ -279,29 +292,19 @@ def create_dqn_runtime(
         net = load_serving_model(settings)
     # Counted locally and flushed with the gauges: a Prometheus observe per pass costs ~1 µs.
     batch_sizes = BatchedHistogram(metrics.batch_size) if metrics is not None else None
+    on_batch = batch_sizes.observe if batch_sizes is not None else None
+    deadline_s = settings.decision_deadline_us * 1e-6
     engine = engine_cls(
-        width,
-        max_batch=settings.max_batch,
-        device=infer_device,
-        deadline_s=settings.decision_deadline_us * 1e-6,
-        on_batch=batch_sizes.observe if batch_sizes is not None else None,
+        width, max_batch=settings.max_batch, device=infer_device, deadline_s=deadline_s, on_batch=on_batch
     )
     learner = join = schedule = None
     if learning:
         learner = _learner(settings, engine, width, device, net, learner_state)
         join = RewardJoin(width, settings.error_penalty, bootstrap=settings.gamma > 0.0, sink=learner.add_transitions)
-        schedule = (
-            EpsilonSchedule.for_training(settings.eps_start, settings.eps_end, settings.eps_fraction, total_decisions)
-            if is_train
-            else EpsilonSchedule(settings.eps_end, settings.eps_end, 1)
-        )
+        schedule = _epsilon_schedule(settings, total_decisions if is_train else None)
     else:
         assert net is not None
         engine.load_network(net)
-    guardrail = None
-    if settings.control_share > 0.0:
-        switched = metrics.guardrail_switched if metrics is not None else None
-        guardrail = Guardrail(control_share=settings.control_share, seed=settings.seed, on_switch=switched)
     policy = DqnPolicy(
         engine,
         metrics=metrics,
@@ -311,7 +314,7 @@ def create_dqn_runtime(
         epsilon_step=epsilon_start_step if is_train else 0,
         seed=settings.seed,
         tracker=tracker,
-        guardrail=guardrail,
+        guardrail=_guardrail(settings, metrics),
     )
     return DqnRuntime(
         policy=policy,
