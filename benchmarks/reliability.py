@@ -123,6 +123,8 @@ class Marks:
     """When it was done (the backends answer /health again)."""
     back_s: dict[str, float | None] = field(default_factory=dict)
     """Per policy: seconds from `restored_s` to the first new 2xx from the backend (None: not in the window)."""
+    available: dict[str, int] = field(default_factory=dict)
+    """Per policy: backends the proxy held available (not ejected) at `restored_s`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,8 @@ class EventRow:
     restart began ended (0: none ended later)."""
     failures: tuple[str, ...] = ()
     """Each failed request of the window: sent at (s from the fault), status or error, latency."""
+    available: int | None = None
+    """Recovery window: backends available (not ejected) in the proxy when all four were up again."""
 
 
 @dataclass
@@ -238,6 +242,10 @@ def drive_events(clock: Clock, cluster: EmulatedCluster, proxies: dict[str, Proc
         lambda: cluster.kill(*every),
         lambda: cluster.restart(*every),
     )
+    for p, proxy in proxies.items():
+        data = get_json(proxy.admin_url + "/admin/backends")
+        assert isinstance(data, dict)
+        marks["all_down"].available[p] = sum(1 for b in data["backends"] if b["available"])
     return marks
 
 
@@ -261,7 +269,9 @@ def event_rows(policy: str, result: RunResult, marks: dict[str, Marks], plan: Pl
         )
         held = int((failed & held_at(result, m.fault_s)).sum()) if event != "recovery" else 0
         back = m.back_s.get(policy) if event in ("kill", "errors", "hang") else None
-        return EventRow(policy, event, window(result, from_s, to_s), held, back, fast_5xx, recovered_s, failures)
+        available = m.available.get(policy) if event == "recovery" else None
+        stats = window(result, from_s, to_s)
+        return EventRow(policy, event, stats, held, back, fast_5xx, recovered_s, failures, available)
 
     m = marks["kill"]
     rows = [row("kill", m, m.fault_s, starts["errors"] - GAP_S)]
@@ -326,6 +336,27 @@ def run_reliability(
 
 
 # --- the report ----------------------------------------------------------------------------------------
+SHAPED = [
+    "## What shaped these numbers",
+    "",
+    "- Back in rotation is bounded below by the outlier ejection: 5 consecutive failures eject a backend for "
+    "30 s x the times it was ejected (Envoy's defaults, lbproxy/outlier.py), and with no active health check "
+    "(the default unless `--health-path` is set) nothing re-admits it sooner, although an emulated backend "
+    "answers again about a second after its restart. Envoy re-admits an ejected host on a passing active health "
+    "check (`successful_active_health_check_uneject_host`, default true); lbproxy does not.",
+    "- A hung backend costs the per-try timeout (5 s, lbproxy/retry.py): the requests it holds are abandoned "
+    "then and retried on another backend, so the hang window's slowest answers are ~5 s; without a per-try "
+    "timeout they would wait for the 30 s read timeout (the client's 10 s here: lost).",
+    "- Every retry needs a slot in the retry budget (20 % of active requests, at least 3 at once: Envoy's "
+    "defaults). A kill leaves a few requests in flight to the dead backend and sends a few more connection "
+    "attempts to it before the ejection; when those retries outnumber the slots, the excess is answered 502 "
+    "(benchmarks/soak.py and the 30 s tests see this; `lost` above counts it when it happens).",
+    "- All down: the failures eject at most half of the backends (`max_ejection_percent` 50); after the restart "
+    "those stay out for their ejection time while the others carry the whole load (the `available` note), "
+    "which is what the recovery window's p99 shows.",
+]
+
+
 def _f(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -344,6 +375,8 @@ def table(rows: Sequence[EventRow]) -> list[str]:
             notes.append(f"fast 502/503: {r.fast_5xx[0]} of {r.fast_5xx[1]}")
         if r.recovered_s is not None:
             notes.append(f"last failure {r.recovered_s:.2f} s after all four were up")
+        if r.available is not None:
+            notes.append(f"{r.available} of 4 available to the proxy then")
         codes = ", ".join(f"{c or 'none'}: {n}" for c, n in sorted(s.codes.items()) if c != 200)
         if codes:
             notes.append(f"non-200: {codes}")
@@ -418,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         "Proxy counters at the end of each run:",
         "",
         *(f"- {name}: {c}" for run in runs for name, c in run.counters.items()),
+        "",
+        *SHAPED,
     ]
     write_result(args.out, text)
     return 0
