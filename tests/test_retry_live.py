@@ -73,6 +73,26 @@ async def _concurrent_gets(port: int, n: int) -> list[int]:
         return await asyncio.gather(*(one() for _ in range(n)))
 
 
+def test_first_tries_beyond_the_budget_wait_instead_of_failing(quad: tuple[Proc, ...]) -> None:
+    """Twenty concurrent GETs over two backends, ten stuck on a hung one when the per-try timeout
+    fires: the budget (at its floor of three concurrent retries) lets some be retried; the others are
+    not abandoned (no 504 for a request that was only slow), they wait for the backend, which resumes
+    2 s later. All twenty succeed."""
+    hung = quad[0]
+    fault(hung, pause=True)
+    args = [*QUIET, *NO_EJECTION, "--per-try-timeout-s", "0.5", "--retry-budget-percent", "1"]
+
+    async def scenario(port: int) -> list[int]:
+        gets = asyncio.ensure_future(_concurrent_gets(port, 20))
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(reset, hung)
+        return await gets
+
+    with running(start_proxy([quad[0].url, quad[1].url], *args)) as (proxy,):
+        assert asyncio.run(scenario(proxy.port)) == [200] * 20
+        assert metric(proxy, "lbproxy_retries_total") >= 3  # --retry-min-concurrency's floor at least
+
+
 def test_the_retry_budget_caps_retries_when_every_backend_fails(quad: tuple[Proc, ...]) -> None:
     """40 concurrent requests, every backend answering 500 after 200 ms: the first 500s all arrive
     while the 40 are in flight, so 20 % of them (8) may be retried, not 40."""

@@ -127,10 +127,12 @@ class Forwarder:
         cfg = pool.config  # the cluster's retry settings (lbproxy/retry.py)
         self.retry_budget = RetryBudget(cfg.retry_budget_percent, cfg.retry_min_concurrency)
         self.per_try_timeout_s = cfg.per_try_timeout_s
-        self._abandoned: set[asyncio.Task[Any]] = set()
-        """Handler tasks whose first try the per-try timer cancelled (told apart from any other cancel)."""
-        self._first_tries: dict[asyncio.Task[Any], tuple[float, int]] = {}
-        """First tries under the per-try timeout: handler task -> (deadline, backend). Insertion order is
+        self._abandoned: dict[asyncio.Task[Any], int] = {}
+        """Handler tasks whose first try the per-try sweep cancelled (told apart from any other cancel),
+        with the backend their retry goes to: chosen, and its budget slot taken, before the cancel, so
+        an abandoned try always has its retry (never a 504 for a request that was only slow)."""
+        self._first_tries: dict[asyncio.Task[Any], tuple[float, int, int]] = {}
+        """First tries under the per-try timeout: handler task -> (deadline, backend, class). Insertion order is
         deadline order (one timeout for all), so a sweep stops at the first one not yet due: no timer
         per request (a call_later and its cancel cost ~2 µs, paid by every GET)."""
         self._sweeper: asyncio.TimerHandle | None = None
@@ -228,8 +230,8 @@ class Forwarder:
         self.metrics.retries.inc()
         return other
 
-    def _watch_first_try(self, task: asyncio.Task[Any], now: float, idx: int) -> None:
-        self._first_tries[task] = (now + self.per_try_timeout_s, idx)
+    def _watch_first_try(self, task: asyncio.Task[Any], now: float, idx: int, cls: int) -> None:
+        self._first_tries[task] = (now + self.per_try_timeout_s, idx, cls)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep_first_tries)
 
@@ -240,19 +242,23 @@ class Forwarder:
         tries = self._first_tries
         while tries:
             task = next(iter(tries))
-            deadline, idx = tries[task]
+            deadline, idx, cls = tries[task]
             if deadline > now:
                 break
             del tries[task]
-            self._per_try_expired(task, idx)
+            self._per_try_expired(task, idx, cls)
         if tries:
             self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep_first_tries)
 
-    def _per_try_expired(self, task: asyncio.Task[Any], idx: int) -> None:
+    def _per_try_expired(self, task: asyncio.Task[Any], idx: int, cls: int) -> None:
         """A first try outlived the per-try timeout: abandon it, but only if its retry can happen now
-        (another candidate, room in the budget); otherwise it waits on under the read timeout."""
-        if self.retry_budget.allows(self.active) and any(i != idx for i in self.view.candidates):
-            self._abandoned.add(task)
+        (another candidate, room in the budget: both taken here); otherwise it waits on under the read
+        timeout."""
+        if not any(i != idx for i in self.view.candidates):
+            return
+        other = self._retry_to(idx, cls, "per_try_timeout")
+        if other is not None:
+            self._abandoned[task] = other
             task.cancel()
 
     def close(self) -> None:
@@ -384,8 +390,9 @@ class Forwarder:
             t_start = self.loop.time()
             watched = task is not None and attempt == 0
             if task is not None and watched:
-                self._watch_first_try(task, t_start, idx)
+                self._watch_first_try(task, t_start, idx, cls)
             failure: tuple[str, int, bool] | None = None
+            retry_at: int | None = None  # an abandoned first try's retry, chosen when it was abandoned
             try:
                 resp: Any
                 if headers is None:
@@ -399,8 +406,9 @@ class Forwarder:
             except asyncio.CancelledError:
                 if task is None or task not in self._abandoned:
                     raise
-                self._abandoned.discard(task)
+                retry_at = self._abandoned.pop(task)
                 if task.uncancel():  # cancelled by someone else as well: let that one through
+                    self.retry_budget.release()
                     raise
                 failure = _PER_TRY_TIMEOUT
             except Exception as exc:  # every failure must complete the dispatch (in-flight accounting)
@@ -417,7 +425,7 @@ class Forwarder:
                 self._error(idx, kind)
                 self._complete(idx, did, cls, t_start, status, True, None, queued)
                 if retry_ok and retryable and attempt == 0:
-                    other = self._retry_to(idx, cls, kind)
+                    other = retry_at if retry_at is not None else self._retry_to(idx, cls, kind)
                     if other is not None:
                         # Always a fresh connection: the other backend's pooled ones may be just as
                         # stale (backends' idle timeouts often fire together after a lull), and
