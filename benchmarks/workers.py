@@ -61,6 +61,12 @@ def start_proxy(backends: list[str], workers: int, cpus: list[int]) -> Proc:
     return proxy
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine spent so far (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def children_cpu_s() -> float:
     """CPU of this process's reaped children: each wrk run, once it has exited."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -99,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             run_wrk(proxies[n].url + "/api/light", 1, args.connections, cpu_set(load_cpus), args.wrk_threads)
         for rnd in range(args.rounds):
             for n, proxy in proxies.items():
-                c0, b0, w0, t0 = (
+                c0, b0, w0, m0, t0 = (
                     cpu_s(proxy.popen.pid),
                     sum(cpu_s(b.popen.pid) for b in backends),
                     children_cpu_s(),
+                    machine_busy_s(),
                     time.monotonic(),
                 )
                 r = run_wrk(
@@ -113,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["cpu_us_per_req"] = (cpu_s(proxy.popen.pid) - c0) * 1e6 / max(1, r.requests)
                 row["proxy_cores"] = (cpu_s(proxy.popen.pid) - c0) / wall
                 row["load_cores"] = (sum(cpu_s(b.popen.pid) for b in backends) - b0 + children_cpu_s() - w0) / wall
+                row["other_cores"] = max(0.0, (machine_busy_s() - m0) / wall - row["proxy_cores"] - row["load_cores"])
                 results[n].append(row)
                 print(
                     f"round {rnd + 1} workers {n}: {row['rps']:.0f} req/s, {row['cpu_us_per_req']:.1f} µs CPU/req, "
                     f"proxy {row['proxy_cores']:.2f} cores, wrk+backends {row['load_cores']:.2f} cores, "
+                    f"other processes {row['other_cores']:.2f} cores, "
                     f"errors {row['errors']:.0f}",
                     flush=True,
                 )
@@ -132,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"| workers | proxy CPUs | req/s (median) | vs {base} | CPU µs/req | vs {base} | proxy cores busy "
-        "| wrk + backends cores busy | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| wrk + backends cores busy | other processes' cores | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in counts:
         lines.append(
             f"| {n} | {cpu_set(proxy_cpus[n])} | {med(n, 'rps'):.0f} | {med(n, 'rps') / med(base, 'rps'):.3f} "
             f"| {med(n, 'cpu_us_per_req'):.1f} | {med(n, 'cpu_us_per_req') / med(base, 'cpu_us_per_req'):.3f} "
-            f"| {med(n, 'proxy_cores'):.2f} | {med(n, 'load_cores'):.2f} | {med(n, 'p50_ms'):.2f} "
+            f"| {med(n, 'proxy_cores'):.2f} | {med(n, 'load_cores'):.2f} | {med(n, 'other_cores'):.2f} "
+            f"| {med(n, 'p50_ms'):.2f} "
             f"| {med(n, 'p99_ms'):.2f} | {sum(r['errors'] for r in results[n]):.0f} |"
         )
     lines.append("")
@@ -157,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     print("\n".join(lines))
     total = len(cpus)
+    busy = {n: (med(n, "proxy_cores"), med(n, "load_cores"), med(n, "other_cores")) for n in counts}
+    measured = " ".join(
+        f"With {n} worker(s) the machine was busy {sum(busy[n]):.2f} of {total} cores (proxy {busy[n][0]:.2f}, "
+        f"wrk + backends {busy[n][1]:.2f}, other processes {busy[n][2]:.2f})."
+        for n in counts
+    )
     limit = (
         f"This machine has {total} CPUs: with {widest} workers the proxy, wrk and both backends share them "
         f"(the load side on CPU {cpu_set(load_cpus)}, which a worker also runs on). The sum of the busy-cores "
@@ -183,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             else "no taskset: unpinned"
         ),
         "- CPU µs/req: utime+stime of the supervisor and its workers over the run / requests completed; "
-        "cores busy: CPU seconds / wall seconds of the run (wrk's from its rusage, the backends' from /proc)",
+        "cores busy: CPU seconds / wall seconds of the run (wrk's from its rusage, the backends' from /proc; "
+        "other processes': the machine's busy time from /proc/stat less those, i.e. work that is not this run's)",
         f"- note: {args.note}" if args.note else None,
         "",
         *lines,
@@ -191,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "## What limits the figure",
         "",
         limit,
+        "",
+        measured,
     ]
     write_result(args.out, [t for t in text if t is not None])
     return 0
