@@ -117,6 +117,13 @@ class Metrics:
             "Model files refused at run time (POST /admin/model); the current model keeps serving",
             registry=r,
         )
+        self.event_loop_tasks = Gauge(
+            "lbproxy_event_loop_tasks",
+            "asyncio tasks alive on the proxy's event loop (one per open client connection and request, "
+            "plus a few fixed ones): a steady climb at steady load is a task leak",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.admin_denied = Counter(
             "lbproxy_admin_denied", "Admin requests refused for a missing or wrong bearer token", registry=r
         )

@@ -230,6 +230,7 @@ class ProxyServer:
                 self.fast.expire_idle(UPSTREAM_KEEPALIVE_S)
             for b in self.pool.backends:
                 self.metrics.in_flight.labels(b.name).set(self.view.in_flight[b.index])
+            self.metrics.event_loop_tasks.set(len(asyncio.all_tasks()))
 
     def _log_panic(self) -> None:
         """Panic mode changes how every request is routed: say so once per change, with the why."""

@@ -49,6 +49,11 @@ _BODYLESS_STATUS = frozenset({204, 304})
 # Exception kinds: (label for lbproxy_upstream_errors, status sent when nothing was relayed yet, retryable)
 _CONNECT = ("connect", 502, True)
 _CONNECT_TIMEOUT = ("connect_timeout", 504, True)
+_UNSENT = frozenset({_CONNECT[0], _CONNECT_TIMEOUT[0]})
+"""Failures before any byte of the request left: their retry puts no extra load on any backend (the
+first try reached none), so it takes no retry-budget slot, which bounds amplification. Without this,
+right after a backend dies the budget's slots go to the retries of the requests it held, and new
+requests refused at connect were answered 502 though another backend was up."""
 _DISCONNECT = ("disconnect", 502, True)
 _TIMEOUT = ("timeout", 504, False)
 _BAD_RESPONSE = ("bad_response", 502, False)
@@ -217,15 +222,17 @@ class Forwarder:
 
     def _retry_to(self, failed: int, cls: int, kind: str) -> int | None:
         """Where to retry a request that failed on `failed`, if anywhere: another backend (the same one
-        only after a stale keep-alive disconnect), and only with a slot in the retry budget."""
-        if not self.retry_budget.allows(self.active):
+        only after a stale keep-alive disconnect), and only with a slot in the retry budget (unless
+        nothing was sent: `_UNSENT`)."""
+        budgeted = kind not in _UNSENT
+        if budgeted and not self.retry_budget.allows(self.active):
             return None
         other = self._choose_other(failed, cls, self.loop.time())
         if other is None and kind == "disconnect":
             # A keep-alive connection the backend closed as we reused it: with no other backend, the
             # same one on a fresh connection is the safe retry.
             other = failed
-        if other is None or not self.retry_budget.try_acquire(self.active):
+        if other is None or (budgeted and not self.retry_budget.try_acquire(self.active)):
             return None
         self.metrics.retries.inc()
         return other
@@ -380,6 +387,7 @@ class Forwarder:
             self._count(-1, 503)
             return _text(503)
         attempt = 0
+        holds_slot = False  # the retry in progress took a retry-budget slot
         fresh = False
         # Per-try timeout: a timer on the first try of a request that could be retried (lbproxy/retry.py).
         task = asyncio.current_task() if retry_ok and self.per_try_timeout_s > 0 else None
@@ -418,8 +426,9 @@ class Forwarder:
             finally:
                 if task is not None and watched:
                     self._first_tries.pop(task, None)  # before any other await: never cancel a later one
-            if attempt:
-                self.retry_budget.release()  # the retry's slot is held until its answer (or failure)
+                if holds_slot:  # the retry's slot is held until its answer, failure or cancellation
+                    holds_slot = False
+                    self.retry_budget.release()
             if failure is not None:
                 kind, status, retryable = failure
                 self._error(idx, kind)
@@ -431,6 +440,7 @@ class Forwarder:
                         # stale (backends' idle timeouts often fire together after a lull), and
                         # there is only this one retry.
                         idx, did, attempt, fresh = other, -1, 1, True
+                        holds_slot = kind not in _UNSENT
                         continue
                 return _text(status)
             if retry_ok and attempt == 0 and resp.status >= 500:
@@ -444,6 +454,7 @@ class Forwarder:
                         resp.close()
                     self._complete(idx, did, cls, t_start, resp.status, True, None, queued)
                     idx, did, attempt, fresh = other, -1, 1, False
+                    holds_slot = True
                     continue
             break
         return await self._relay(request, resp, method, idx, did, cls, t_start, queued)
