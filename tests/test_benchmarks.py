@@ -20,7 +20,7 @@ CPU_ONLY = {
     "decision_cost": ["--iterations", "2000", "--trials", "1"],
     "decision_latency": ["--repeats", "50"],
     "learner_loop_lag": ["--seconds", "0.3"],
-    "learner_step": ["--trials", "1"],
+    "learner_step": ["--trials", "1", "--trial-budget-s", "0.05"],
     "sim_throughput": ["--decisions", "5000", "--repeats", "1"],
 }
 WITH_WRK = {
