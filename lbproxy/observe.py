@@ -698,8 +698,21 @@ def sed_choices(in_flight: Sequence[int], rate: Sequence[float], candidates: Seq
 
 def is_accurate(action: int, in_flight: Sequence[int], rate: Sequence[float], candidates: Sequence[int]) -> bool:
     """Decision accuracy: did `action` match (one of) the SED oracle's choices? `rate` is the request
-    class's rates: true ones in the simulator, `view.class_rate[c]` live."""
-    return action in sed_choices(in_flight, rate, candidates)
+    class's rates: true ones in the simulator, `view.class_rate[c]` live.
+
+    Exactly `action in sed_choices(...)`, without building the list: the simulator calls it once per
+    decision, where the allocation would cost more than the rest of the step.
+    """
+    best = math.inf
+    chosen = False
+    for i in candidates:
+        d = (in_flight[i] + 1) / rate[i] if rate[i] > 0 else math.inf
+        if d < best * (1 - 1e-9):
+            best = d
+            chosen = i == action
+        elif d <= best * (1 + 1e-9) and i == action:
+            chosen = True
+    return chosen
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

@@ -53,6 +53,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,7 @@ from lbproxy.observe import (
     Outcome,
     WindowStats,
     WindowSummary,
+    is_accurate,
     reward,
 )
 from lbproxy.outlier import OutlierConfig, OutlierDetector, SlowStart, route_candidates
@@ -77,6 +79,10 @@ BLOCK = 8192
 """Arrivals drawn per NumPy block: large enough to amortise the draw, small enough for the cache."""
 
 _INF = math.inf
+_Pending = tuple[float, int, int, int, float, bool, float, int]
+"""A pending completion: (finish, decision id, server, class, latency, error, service time, queued behind)."""
+_Observe = Callable[[Outcome, ClusterView, float], None]
+"""`Policy.observe`."""
 # control-event kinds
 _FAULT, _DETECT, _GHOST, _EJECT, _UNEJECT = 0, 1, 2, 3, 4
 
@@ -160,8 +166,9 @@ class Simulator:
         self._base = self.view.candidates
         """The candidates before slow start takes its share out."""
         self._workers = [[0.0] * s.workers for s in servers]
-        self._pending: list[tuple[float, int, int, int, float, bool, float, int]] = []
-        """(finish, decision id, server, class, latency, error, service time, queued behind)"""
+        self._pending: list[_Pending] = []
+        self._errors = 0
+        """Errors completed in the current run."""
         self._next_decision_id = 0
         self._rates: list[list[float]] = [[0.0] * n for _ in range(NUM_CLASSES)]
         self._refresh_rates()
@@ -345,7 +352,7 @@ class Simulator:
         t_begin = self._arrivals.t_s
         view = self.view
         choose, observe = policy.choose, policy.observe
-        on_dispatch, on_complete = view.on_dispatch, view.on_complete
+        on_dispatch, complete = view.on_dispatch, self._complete
         heappush, heappop, heapreplace = heapq.heappush, heapq.heappop, heapq.heapreplace
         pending = self._pending
         control = self._control
@@ -356,14 +363,11 @@ class Simulator:
         crash_at = self._crash_at
         rates = self._rates
         in_flight = view.in_flight
-        judge = self.outlier.record
         slow_since = self.slow_start.since_s  # empty unless a server is in slow start
-        reports = self.scenario.reports_service_time
         next_ctrl = control[0][0] if control else _INF
         latencies: list[float] = []
-        lat_append = latencies.append
         load = [0] * self.n
-        errors = 0
+        self._errors = 0
         accurate = 0
         did = self._next_decision_id
         remaining = n_decisions
@@ -381,34 +385,16 @@ class Simulator:
                         self._apply_control()
                         next_ctrl = control[0][0] if control else _INF
                     elif nc <= t:
-                        fin, d, b, c, lat, er, st, qb = heappop(pending)
-                        out = Outcome(b, c, lat, er, d, st if reports else None, qb)
-                        on_complete(out, fin)
-                        observe(out, view, fin)
-                        lat_append(lat)
-                        if er:
-                            errors += 1
-                        if judge(b, c, lat, er):
-                            self._eject(b, fin)
+                        done = heappop(pending)
+                        if complete(done, observe, latencies):
+                            self._eject(done[2], done[0])
                             next_ctrl = control[0][0] if control else _INF
                     else:
                         break
                 c = classes[k]
                 i = choose(c, view, t)
-                if record:
-                    # Accuracy vs SED with true rates: argmin (in_flight + 1) / rate (observe.is_accurate,
-                    # inlined: a list allocation per decision would cost more than the rest of the step).
-                    rate_c = rates[c]
-                    best = _INF
-                    for j in view.candidates:
-                        r = rate_c[j]
-                        if r > 0.0:
-                            x = (in_flight[j] + 1) / r
-                            if x < best:
-                                best = x
-                    r = rate_c[i]
-                    if best == _INF or (r > 0.0 and (in_flight[i] + 1) / r <= best * (1 + 1e-9)):
-                        accurate += 1
+                if record and is_accurate(i, in_flight, rates[c], view.candidates):  # SED, true rates
+                    accurate += 1
                 qb = in_flight[i]
                 on_dispatch(i)
                 if slow_since:
@@ -437,14 +423,9 @@ class Simulator:
         t_last = self._arrivals.t_s
         ghosts = []
         while pending:
-            fin, d, b, c, lat, er, st, qb = heappop(pending)
-            out = Outcome(b, c, lat, er, d, st if reports else None, qb)
-            on_complete(out, fin)
-            observe(out, view, fin)
-            lat_append(lat)
-            if er:
-                errors += 1
-            if judge(b, c, lat, er):  # decided now, applied when the clock gets there
+            done = heappop(pending)
+            fin, b = done[0], done[2]
+            if complete(done, observe, latencies):  # decided now, applied when the clock gets there
                 self._push_control(fin, _EJECT, b, 0)
             if fin > t_last:
                 ghosts.append((fin, b))
@@ -453,7 +434,19 @@ class Simulator:
             self._push_control(fin, _GHOST, b, 0)
         view.total_in_flight += len(ghosts)
         self._next_decision_id = did
-        return self._result(n_decisions, load, latencies, errors, accurate, record, t_begin, wall0)
+        return self._result(n_decisions, load, latencies, self._errors, accurate, record, t_begin, wall0)
+
+    def _complete(self, done: _Pending, observe: _Observe, latencies: list[float]) -> bool:
+        """Report one completion: to the view first, then to the policy (so it observes s' right after
+        its request left); True when the outlier detector ejects the request's server."""
+        fin, d, b, c, lat, er, st, qb = done
+        out = Outcome(b, c, lat, er, d, st if self.scenario.reports_service_time else None, qb)
+        self.view.on_complete(out, fin)
+        observe(out, self.view, fin)
+        latencies.append(lat)
+        if er:
+            self._errors += 1
+        return self.outlier.record(b, c, lat, er)
 
     def _result(
         self,
