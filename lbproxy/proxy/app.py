@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from lbproxy.config import ConfigError, Settings
+from lbproxy.policy import AsyncPolicy, Policy
 from lbproxy.proxy.admin import build_admin_app
 from lbproxy.proxy.forward import Forwarder
 from lbproxy.proxy.headers import UPSTREAM_SKIP_AUTO_HEADERS
@@ -60,10 +61,12 @@ def bind_error(flag: str, host: str, port: int, exc: OSError) -> ConfigError:
 class ProxyServer:
     """Owns the pool (and its ClusterView), the upstream ClientSession and both listeners."""
 
-    def __init__(self, settings: Settings, policy: Any, metrics: Metrics, pool: Pool | None = None) -> None:
+    def __init__(
+        self, settings: Settings, policy: Policy | AsyncPolicy, metrics: Metrics, pool: Pool | None = None
+    ) -> None:
         self.settings = settings
         self.policy = policy
-        self.policy_name: str = getattr(policy, "name", type(policy).__name__)
+        self.policy_name: str = policy.name
         self.metrics = metrics
         self.pool = pool if pool is not None else Pool(settings.backends, pool_config_from(settings))
         self.view = self.pool.view

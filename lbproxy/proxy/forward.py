@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from lbproxy.observe import ClusterView, Outcome, classify_path
-from lbproxy.policy import AsyncPolicy, NoBackendAvailable
+from lbproxy.policy import AsyncPolicy, Decision, NoBackendAvailable, Policy
 from lbproxy.proxy.batched_metrics import BatchedCounter, BatchedHistogram
 from lbproxy.proxy.body import ClientBodyError, GuardedBody, too_large
 from lbproxy.proxy.headers import forwarded_items, request_head, response_headers
@@ -92,7 +92,7 @@ class Forwarder:
     def __init__(
         self,
         pool: Pool,
-        policy: Any,
+        policy: Policy | AsyncPolicy,
         metrics: Metrics,
         quality: QualityWindow,
         session: aiohttp.ClientSession,
@@ -108,6 +108,10 @@ class Forwarder:
         self.view: ClusterView = pool.view
         self.policy = policy
         self.is_async = isinstance(policy, AsyncPolicy)
+        # The same object typed as the protocol each branch calls: mypy cannot narrow through
+        # is_async, and an isinstance check on a runtime protocol per request would cost more.
+        self._async_policy = cast(AsyncPolicy, policy)
+        self._sync_policy = cast(Policy, policy)
         self.metrics = metrics
         self.quality = quality
         self.session = session
@@ -122,9 +126,7 @@ class Forwarder:
         self.idle = asyncio.Event()
         self.idle.set()
         self._urls: dict[tuple[int, str], URL] = {}
-        self._decision_hist = BatchedHistogram(
-            metrics.decision_duration.labels(getattr(policy, "name", type(policy).__name__))
-        )
+        self._decision_hist = BatchedHistogram(metrics.decision_duration.labels(policy.name))
         self._requests: dict[tuple[int, int], BatchedCounter] = {}
         self._durations: dict[int, BatchedHistogram] = {}
         self._errors: dict[tuple[int, str], Any] = {}
@@ -194,10 +196,10 @@ class Forwarder:
     async def _decide(self, cls: int, now: float) -> tuple[int, int]:
         t0 = time.perf_counter()
         if self.is_async:
-            res = self.policy.decide(cls, self.view, now)
-            idx, did = res if type(res) is tuple else await res
+            res = self._async_policy.decide(cls, self.view, now)
+            idx, did = res if type(res) is tuple else await cast(Awaitable[Decision], res)
         else:
-            idx, did = self.policy.choose(cls, self.view, now), -1
+            idx, did = self._sync_policy.choose(cls, self.view, now), -1
         self._decision_hist.observe(time.perf_counter() - t0)
         return idx, did
 
@@ -212,7 +214,7 @@ class Forwarder:
         if not self.is_async:
             view.candidates = others
             try:
-                idx = int(self.policy.choose(cls, view, now))
+                idx = int(self._sync_policy.choose(cls, view, now))
             except NoBackendAvailable:
                 return None
             finally:
