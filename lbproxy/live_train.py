@@ -197,7 +197,7 @@ class LiveTrainer:
         rt.report = self.run_dir.log.error  # a dead learner: on stderr and in the run's error log
         self.csv = self.run_dir.metrics_writer()
         server = ProxyServer(s, rt.policy, self.metrics)
-        server.lifespans.append(rt.lifespan)  # learner thread + gauges start/stop with the app
+        server.lifespans.append(rt.lifespan)  # learner thread + gauges start/stop with the proxy
         await server.start()
         tune_gc()
         print(

@@ -439,7 +439,7 @@ async def test_async_policy_contract_in_process(cluster: tuple[Proc, Proc, Proc]
     server = ProxyServer(settings, policy, metrics)
     entered: list[str] = []
 
-    async def lifespan(app: web.Application) -> Any:
+    async def lifespan() -> Any:
         entered.append("start")
         yield
         entered.append("stop")

@@ -2,8 +2,8 @@
 the replay buffer and background learner, with the lifetime the app gives them.
 
 `create_dqn_runtime(settings, view, metrics)` builds it (serve.py calls it; live_train.py builds one
-in train mode). Its `lifespan(app)` goes into aiohttp's `cleanup_ctx` so the learner starts and stops
-with the app; a gauge task refreshes the learning gauges, runs the guardrail's test and reports a
+in train mode). Its `lifespan` goes into `ProxyServer.lifespans` so the learner starts and stops
+with the proxy; a gauge task refreshes the learning gauges, runs the guardrail's test and reports a
 dead learner once a second.
 """
 
@@ -64,8 +64,8 @@ class DqnRuntime:
     _reported_updates: int = 0
     _error_reported: bool = False
 
-    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
-        """aiohttp cleanup_ctx: start the learner thread and the gauge task; stop both at shutdown."""
+    async def lifespan(self) -> AsyncIterator[None]:
+        """For `ProxyServer.lifespans`: start the learner thread and the gauge task; stop both at shutdown."""
         await self.start()
         try:
             yield

@@ -367,5 +367,4 @@ def build_admin_app(server: ProxyServer) -> web.Application:
     app.router.add_post("/admin/backends", add_backend)
     app.router.add_delete("/admin/backends/{name}", remove_backend)
     app.router.add_routes(server.admin_routes)
-    app.cleanup_ctx.extend(server.lifespans)
     return app

@@ -76,8 +76,11 @@ class ProxyServer:
         """Bind the data port with SO_REUSEPORT: N worker processes share it (lbproxy/workers.py)."""
         self.admin_routes: list[web.AbstractRouteDef] = []
         """Extra routes for the admin app (add before `start`)."""
-        self.lifespans: list[Callable[[web.Application], AsyncIterator[None]]] = []
-        """aiohttp cleanup_ctx generators, entered before the proxy accepts and left after it drained."""
+        self.lifespans: list[Callable[[], AsyncIterator[None]]] = []
+        """Async generators (one yield) entered in order before the listeners bind and left after the
+        proxy drained and closed: the DQN's learner and gauges live as long as the proxy, not the
+        admin app."""
+        self._entered = contextlib.AsyncExitStack()
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
         self.fast: UpstreamClient | None = None
@@ -121,6 +124,8 @@ class ProxyServer:
             trust_env=False,
         )
         try:
+            for lifespan in self.lifespans:
+                await self._entered.enter_async_context(contextlib.asynccontextmanager(lifespan)())
             await self._start_admin()
             if before_accepting is not None:
                 await before_accepting()
@@ -137,7 +142,7 @@ class ProxyServer:
     async def _start_admin(self) -> None:
         s = self.settings
         self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None, handle_signals=False)
-        await self._admin_runner.setup()  # enters the lifespans
+        await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, s.admin_host, s.admin_port)
         try:
             await site.start()
@@ -216,8 +221,9 @@ class ProxyServer:
             await self.session.close()
             self.session = None
         if self._admin_runner is not None:
-            await self._admin_runner.cleanup()  # leaves the lifespans
+            await self._admin_runner.cleanup()
             self._admin_runner = None
+        await self._entered.aclose()  # leaves the lifespans, last in first out
 
     # --- periodic work ------------------------------------------------------------------------------
     async def _tick(self) -> None:
