@@ -145,6 +145,7 @@ def test_hard_stop_counts_unanswered_requests_as_timeouts() -> None:
     assert s.timeouts > 50 and s.errors == s.timeouts and s.answered + s.timeouts == s.count
     cut = np.array([e == "timeout" for e in result.errors])
     assert (result.status[cut] == 0).all()
-    # A cut-off request's latency is its age at the cut-off: at least the grace period.
-    assert (result.latency_s[cut] >= 0.3 - 0.02).all()
+    # A cut-off request's latency is its age at the cut-off: at least the grace period, less however
+    # late it was sent (the cut-off counts from the schedule's end; a busy machine sends late).
+    assert (result.latency_s[cut] >= 0.3 - 0.02 - result.send_lag_s[cut]).all()
     assert s.p99_ms >= 300.0
