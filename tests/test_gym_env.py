@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from lbproxy.gym_env import ENV_ID, ClusterEnv
 from lbproxy.observe import ERROR_PENALTY, MAX_BACKENDS, learning_width
 from lbproxy.rl.agent import GreedyDqn
 from lbproxy.rl.checkpoint import default_model_path, load_model
 from lbproxy.rl.network import NumpyWeights, RowScorer
 from lbproxy.sim.episode import run_episode
 from lbproxy.sim.generator import generate_scenario
-from lbproxy.sim.gym_env import ENV_ID, ClusterEnv
 from lbproxy.sim.suite import train_sim_seed
 
 Obs = dict[str, np.ndarray]
@@ -88,7 +88,7 @@ def test_check_env_passes() -> None:
     env = gymnasium.make(ENV_ID)
     check_env(env.unwrapped)
     env.close()
-    other = gymnasium.make(f"lbproxy.sim.gym_env:{ENV_ID}", episode_decisions=8)  # imports the module itself
+    other = gymnasium.make(f"lbproxy.gym_env:{ENV_ID}", episode_decisions=8)  # imports the module itself
     assert isinstance(other.unwrapped, ClusterEnv) and other.unwrapped.episode_decisions == 8
     other.close()
 
@@ -234,7 +234,7 @@ def test_vector_env_runs_across_autoresets() -> None:
 
 def test_without_gymnasium_the_import_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # what an environment without it sees
-    monkeypatch.delitem(sys.modules, "lbproxy.sim.gym_env")
+    monkeypatch.delitem(sys.modules, "lbproxy.gym_env")
     with pytest.raises(ImportError) as exc:
-        importlib.import_module("lbproxy.sim.gym_env")
-    assert str(exc.value) == "lbproxy.sim.gym_env needs gymnasium: pip install 'lbproxy[gym]'"
+        importlib.import_module("lbproxy.gym_env")
+    assert str(exc.value) == "lbproxy.gym_env needs gymnasium: pip install 'lbproxy[gym]'"

@@ -3,7 +3,7 @@
     import gymnasium
     import numpy as np
 
-    import lbproxy.sim.gym_env  # registers "lbproxy/Cluster-v0"; needs `pip install 'lbproxy[gym]'`
+    import lbproxy.gym_env  # registers "lbproxy/Cluster-v0"; needs `pip install 'lbproxy[gym]'`
 
     env = gymnasium.make("lbproxy/Cluster-v0")  # a new generated cluster (training split) per episode
     obs, info = env.reset(seed=0)
@@ -16,7 +16,7 @@
     print(info["summary"]["mean_reward"])  # the number `lbproxy --mode evaluate` reports per episode
     env.close()
 
-(`gymnasium.make("lbproxy.sim.gym_env:lbproxy/Cluster-v0")` imports the module itself.)
+(`gymnasium.make("lbproxy.gym_env:lbproxy/Cluster-v0")` imports the module itself.)
 
 One episode is the episode that training and evaluation run (`lbproxy.sim.episode.run_episode`): a
 fresh Simulator, WARMUP_DECISIONS requests routed by the SED oracle, then `episode_decisions` routed
@@ -73,7 +73,7 @@ try:
     import gymnasium
     from gymnasium import spaces
 except ImportError:  # one line, with the fix
-    raise ImportError("lbproxy.sim.gym_env needs gymnasium: pip install 'lbproxy[gym]'") from None
+    raise ImportError("lbproxy.gym_env needs gymnasium: pip install 'lbproxy[gym]'") from None
 
 from lbproxy.config import Settings
 from lbproxy.observe import (
@@ -403,4 +403,4 @@ class ClusterEnv(gymnasium.Env[dict[str, Any], np.int64]):
 
 
 if ENV_ID not in gymnasium.registry:
-    gymnasium.register(id=ENV_ID, entry_point="lbproxy.sim.gym_env:ClusterEnv")
+    gymnasium.register(id=ENV_ID, entry_point="lbproxy.gym_env:ClusterEnv")
