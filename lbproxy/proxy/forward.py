@@ -142,6 +142,10 @@ class Forwarder:
         """First tries under the per-try timeout: handler task -> (deadline, backend, class). Insertion order is
         deadline order (one timeout for all), so a sweep stops at the first one not yet due: no timer
         per request (a call_later and its cancel cost ~2 µs, paid by every GET)."""
+        self._awaiting_budget: dict[asyncio.Task[Any], tuple[int, int]] = {}
+        """First tries past their deadline that found no retry (no budget slot, no other candidate yet):
+        offered a retry again on every sweep until they end, so a hung backend's requests are not left
+        to the read timeout just because many expired at once."""
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every_s = min(0.25, max(0.01, self.per_try_timeout_s / 10))
 
@@ -248,6 +252,10 @@ class Forwarder:
         """Expire the first tries past their deadline (to within `_sweep_every_s`), oldest first."""
         self._sweeper = None
         now = self.loop.time()
+        waiting = self._awaiting_budget
+        for task, (idx, cls) in list(waiting.items()):
+            if self._per_try_expired(task, idx, cls):
+                del waiting[task]
         tries = self._first_tries
         while tries:
             task = next(iter(tries))
@@ -255,20 +263,22 @@ class Forwarder:
             if deadline > now:
                 break
             del tries[task]
-            self._per_try_expired(task, idx, cls)
-        if tries:
+            if not self._per_try_expired(task, idx, cls):
+                waiting[task] = (idx, cls)
+        if tries or waiting:
             self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep_first_tries)
 
-    def _per_try_expired(self, task: asyncio.Task[Any], idx: int, cls: int) -> None:
-        """A first try outlived the per-try timeout: abandon it, but only if its retry can happen now
-        (another candidate, room in the budget: both taken here); otherwise it waits on under the read
-        timeout."""
+    def _per_try_expired(self, task: asyncio.Task[Any], idx: int, cls: int) -> bool:
+        """A first try outlived the per-try timeout: abandon it if its retry can happen now (another
+        candidate, room in the budget: both taken here) and say so; if not, the sweep offers it again."""
         if not any(i != idx for i in self.view.candidates):
-            return
+            return False
         other = self._retry_to(idx, cls, "per_try_timeout")
-        if other is not None:
-            self._abandoned[task] = other
-            task.cancel()
+        if other is None:
+            return False
+        self._abandoned[task] = other
+        task.cancel()
+        return True
 
     def close(self) -> None:
         """Stop the per-try sweep (the server is closing; handlers still running finish on their own)."""
@@ -428,6 +438,7 @@ class Forwarder:
             finally:
                 if task is not None and watched:
                     self._first_tries.pop(task, None)  # before any other await: never cancel a later one
+                    self._awaiting_budget.pop(task, None)
                 if holds_slot:  # the retry's slot is held until its answer, failure or cancellation
                     holds_slot = False
                     self.retry_budget.release()
