@@ -39,8 +39,8 @@ from common import machine  # noqa: E402
 
 from lbproxy.config import Settings  # noqa: E402
 from lbproxy.evaluate import evaluate_all, load_greedy_model, policy_factories  # noqa: E402
-from lbproxy.rl.trainer import run_train_sim  # noqa: E402
 from lbproxy.sim import load_scenario  # noqa: E402
+from lbproxy.train.sim import run_train_sim  # noqa: E402
 
 SCENARIOS = ("heterogeneous", "class_skew", "homogeneous")
 P99_BAR = {"heterogeneous": 0.85, "class_skew": 0.85, "homogeneous": 1.05}

@@ -69,9 +69,9 @@ def _run_mode(settings: Settings) -> int:
         from lbproxy.serve import run_serve as runner
     elif settings.mode == "train":
         if settings.train_env == "sim":
-            from lbproxy.rl.trainer import run_train_sim as runner
+            from lbproxy.train.sim import run_train_sim as runner
         else:
-            from lbproxy.live_train import run_train_live as runner
+            from lbproxy.train.live import run_train_live as runner
     else:
         from lbproxy.evaluate import run_evaluate as runner
     return runner(settings)

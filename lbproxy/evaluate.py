@@ -9,7 +9,7 @@ Episode k runs in phase `phase_index_for_episode(k, episodes)`, so an evaluation
 phases like training did.
 
 Held-out seeds. Training episode e of a run seeded s uses simulator seed s * 2**32 + e
-(lbproxy.rl.trainer.train_sim_seed); evaluation uses 1_000_000 + s + k. They never coincide.
+(lbproxy.sim.suite.train_sim_seed); evaluation uses 1_000_000 + s + k. They never coincide.
 
 Aggregation. Latency statistics (mean, p50, p99, p99.9) and the error rate pool every request of
 every episode; Gini, accuracy and mean reward are means of the per-episode values (episodes have

@@ -2,7 +2,7 @@
 WindowStats as the simulator's episodes (lbproxy/observe.py).
 
 The dqn policy feeds the tracker every decision and every outcome (lbproxy/policies/dqn.py); the live
-trainer (lbproxy/live_train.py) consumes the completed windows, pooling those a CSV row covers.
+trainer (lbproxy/train/live.py) consumes the completed windows, one per episode (train/report.py).
 """
 
 from __future__ import annotations
@@ -38,17 +38,3 @@ class EpisodeTracker:
     def record_outcome(self, outcome: Outcome, view: ClusterView) -> None:
         self.window.record_outcome(outcome, view.typical_all_s)
 
-
-def merge_windows(windows: list[WindowStats]) -> WindowStats:
-    """One window over several episodes (a CSV row covers the last `metrics_every` episodes)."""
-    n = max(len(w.load) for w in windows)
-    out = WindowStats(n, windows[0].error_penalty)
-    for w in windows:
-        out.decisions += w.decisions
-        out.accurate += w.accurate
-        for i, v in enumerate(w.load):
-            out.load[i] += v
-        out.latencies.extend(w.latencies)
-        out.errors += w.errors
-        out.reward_sum += w.reward_sum
-    return out

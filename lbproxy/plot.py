@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 CURVES_FILE = "learning_curves.png"
 EVAL_FILE = "evaluation.png"
 
-# (CSV column, panel title, y-axis label); the column names are lbproxy.rl.run_dir.METRIC_FIELDS.
+# (CSV column, panel title, y-axis label); the column names are lbproxy.train.report.METRIC_FIELDS.
 PANELS: tuple[tuple[str, str, str], ...] = (
     ("mean_reward", "Mean reward per request", "reward"),
     ("gini", "Gini of load / capacity", "Gini"),

@@ -296,7 +296,7 @@ def two_backends() -> object:
 async def test_train_checkpoint_resume_serve_round_trip(tmp_path: Path, two_backends: tuple[Proc, Proc]) -> None:
     urls = [p.url for p in two_backends]
     run_dir = tmp_path / "run"
-    args = ("--episode-decisions", "40", "--checkpoint-every", "2", "--metrics-every", "2", *TINY_TRAIN)
+    args = ("--episode-decisions", "40", "--checkpoint-every", "2", "--metrics-every", "3", *TINY_TRAIN)
     from lbproxy.rl.checkpoint import save_model
 
     init = tmp_path / "init.pth"
@@ -312,8 +312,13 @@ async def test_train_checkpoint_resume_serve_round_trip(tmp_path: Path, two_back
     assert (run_dir / "dqn_final.pth").is_file()
     with (run_dir / "metrics" / "training_metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["episode"] for r in rows][:2] == ["2", "4"]
+    assert [r["episode"] for r in rows][:2] == ["3", "4"]  # every 3 episodes, and the last at the stop
     assert all(r["phase"] == "live" for r in rows)
+    from lbproxy.rl.checkpoint import load_checkpoint
+
+    # A checkpoint between two rows keeps the episodes of the unfinished row (a resume writes it whole).
+    assert len(load_checkpoint(run_dir / "checkpoints" / "dqn_episode_0002.pth")["window"]) == 2
+    assert load_checkpoint(run_dir / "checkpoints" / "dqn_episode_0004.pth")["window"] == []
 
     # --resume continues at episode 4; SIGTERM mid-run drains, checkpoints and exits 0.
     trainer = start_train(urls, run_dir, "--episodes", "1000", "--resume", *args)

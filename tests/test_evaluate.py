@@ -14,7 +14,7 @@ import torch
 from lbproxy.config import Settings
 from lbproxy.evaluate import EVAL_SEED_BASE, run_evaluate
 from lbproxy.plot import main as plot_main
-from lbproxy.rl.run_dir import METRIC_FIELDS
+from lbproxy.train.report import METRIC_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
 

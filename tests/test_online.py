@@ -17,7 +17,7 @@ from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_
 from lbproxy.policies.dqn_runtime import create_dqn_runtime
 from lbproxy.policy import resolve
 from lbproxy.rl.online import BackgroundLearner
-from lbproxy.rl.run_dir import ERROR_LOG, RunDir
+from lbproxy.train.run_dir import ERROR_LOG, RunDir
 
 
 def small_settings(**kw: object) -> Settings:

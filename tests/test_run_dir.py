@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lbproxy.config import ConfigError
-from lbproxy.rl.run_dir import ERROR_LOG, METRIC_FIELDS, RunDir, metrics_row
+from lbproxy.train.report import METRIC_FIELDS, metrics_row
+from lbproxy.train.run_dir import ERROR_LOG, RunDir
 
 METRICS = {
     "mean_reward": -1.23456789,

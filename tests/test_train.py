@@ -16,8 +16,9 @@ import torch
 
 from lbproxy.config import ConfigError, Settings
 from lbproxy.rl.checkpoint import latest_checkpoint
-from lbproxy.rl.run_dir import ERROR_LOG, METRIC_FIELDS
-from lbproxy.rl.trainer import EXIT_INTERRUPTED, run_train_sim
+from lbproxy.train.report import METRIC_FIELDS
+from lbproxy.train.run_dir import ERROR_LOG
+from lbproxy.train.sim import EXIT_INTERRUPTED, run_train_sim
 
 REPO = Path(__file__).resolve().parent.parent
 

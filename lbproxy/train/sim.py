@@ -9,7 +9,7 @@ exact: only the agent, learner, replay buffer and RNG states must be saved, as s
 `lbproxy.phases.phase_index_for_episode(ep, episodes)`: the run is a three-phase curriculum
 (steady -> mixed -> peak, see lbproxy/phases.py) over equal thirds.
 
-Outputs under RUN_DIR (rl/run_dir.py, the same layout as live training): `metrics/training_metrics.csv`
+Outputs under RUN_DIR (train/run_dir.py, the same layout as live training): `metrics/training_metrics.csv`
 (a row every `metrics_every` episodes), `checkpoints/dqn_episode_XXXX.pth` every `checkpoint_every`
 episodes, `logs/training_errors.log` (warnings and errors) and `dqn_final.pth` (the online network)
 at the end. Only the newest `keep_checkpoints` checkpoints are kept: each holds the replay buffer
@@ -37,7 +37,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -46,14 +45,13 @@ import numpy as np
 import torch
 
 from lbproxy.config import ConfigError, Settings
-from lbproxy.observe import (
-    feature_dim,
-)
+from lbproxy.observe import feature_dim
 from lbproxy.phases import phase_index_for_episode
-from lbproxy.rl.run_dir import RunDir, capture_rng_state, metrics_row, restore_rng_state
 from lbproxy.sim.episode import run_episode
 from lbproxy.sim.suite import TrainingSet, train_sim_seed
 from lbproxy.telemetry import CsvMetricsWriter
+from lbproxy.train.report import MetricsWindow, Progress, format_eta, metrics_row
+from lbproxy.train.run_dir import RunDir, capture_rng_state, restore_rng_state
 
 TRAIN_FORMAT = "lbproxy-train/2"
 """/2: the agent keeps its update pacer's debt and no global RNG state (the trainer's, saved once); /1 is refused."""
@@ -61,11 +59,6 @@ EXIT_INTERRUPTED = 130
 """Exit code after SIGINT (Ctrl-C): checkpoint saved, run unfinished."""
 EXIT_TERMINATED = 128 + int(signal.SIGTERM)
 """Exit code after SIGTERM (143): checkpoint saved, run unfinished; `--resume` continues it."""
-PROGRESS_MIN_INTERVAL_S = 5.0
-"""At most one progress line per this many wall seconds (plus the first and the last)."""
-
-# Each row of metrics/training_metrics.csv (rl/run_dir.METRIC_FIELDS) averages the per-episode statistics
-# of the `metrics_every` episodes it closes (loss: mean of the episodes' last losses, NaN before learning).
 
 # Settings that change the result of a run: a resume with any of them different is refused.
 FINGERPRINT_FIELDS = (
@@ -94,23 +87,6 @@ def fingerprint(settings: Settings, train_set: TrainingSet, episodes: int) -> di
     fp["scenario_digest"] = train_set.digest
     fp["width"] = train_set.width
     return fp
-
-
-@dataclass
-class _Window:
-    """Per-episode statistics of the metrics row being accumulated (saved in checkpoints)."""
-
-    rows: list[dict[str, float]] = field(default_factory=list)
-
-    def add(self, **values: float) -> None:
-        self.rows.append(values)
-
-    def mean(self, key: str) -> float:
-        vals = [r[key] for r in self.rows if not math.isnan(r[key])]
-        return sum(vals) / len(vals) if vals else math.nan
-
-    def means(self) -> dict[str, float]:
-        return {k: self.mean(k) for k in self.rows[0]} if self.rows else {}
 
 
 class _StopLatch:
@@ -158,14 +134,6 @@ def _stop_latch() -> Iterator[_StopLatch]:
             signal.signal(sig, handler)
 
 
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def _resolve_training_set(settings: Settings) -> TrainingSet:
     from lbproxy.sim import ScenarioError
     from lbproxy.sim.suite import training_set
@@ -211,7 +179,7 @@ class SimTrainer:
             width=width,
         )
         self.start_episode = 0
-        self.window = _Window()
+        self.window = MetricsWindow()
         self.wall_before = 0.0
         self.t0 = time.perf_counter()
 
@@ -235,7 +203,7 @@ class SimTrainer:
             self.agent.load_state_dict(state["agent"])
             restore_rng_state(state["rng"])
             self.start_episode = int(state["episode"])
-            self.window = _Window(rows=[dict(r) for r in state["window"]])
+            self.window = MetricsWindow.from_state(state["window"])
             self.wall_before = float(state["wall_s"])
         print(f"lbproxy: resuming {self.run_dir.root} from episode {self.start_episode} ({path.name})", file=sys.stderr)
 
@@ -251,7 +219,7 @@ class SimTrainer:
             "replay": self.replay.state_dict(),
             "agent": self.agent.state_dict(),
             "rng": capture_rng_state(),
-            "window": [dict(r) for r in self.window.rows],
+            "window": self.window.state(),
             "wall_s": self.wall_s(),
         }
         return self.run_dir.save_checkpoint(episode_done, payload, self.settings.keep_checkpoints)
@@ -279,44 +247,23 @@ class SimTrainer:
             first_id=int(agent.decisions),
             error_penalty=s.error_penalty,
         )
-        self.window.add(
-            phase=float(phase),
-            mean_reward=summary.mean_reward,
-            gini=summary.gini,
-            accuracy=summary.accuracy,
-            mean_ms=summary.mean_latency_s * 1e3,
-            p50_ms=summary.p50_s * 1e3,
-            p99_ms=summary.p99_s * 1e3,
-            error_rate=summary.error_rate,
-            loss=float(agent.last_loss),
-        )
+        self.window.add(summary, agent.last_loss)
         return phase
 
-    def report(self, done: int, phase: int, writer: CsvMetricsWriter, last_print: float) -> float:
-        """The CSV row the window closes, and a progress line at most every PROGRESS_MIN_INTERVAL_S;
-        returns when the last progress line was printed."""
+    def report(self, done: int, phase: int, writer: CsvMetricsWriter, progress: Progress) -> None:
+        """The CSV row the window closes, and the progress line."""
         wall = self.wall_s()
         means = self.window.means()
-        writer.write(
-            metrics_row(done, phase + 1, means, epsilon=self.agent.epsilon, updates=self.learner.updates, wall_s=wall)
-        )
-        if time.perf_counter() - last_print >= PROGRESS_MIN_INTERVAL_S or done == self.episodes:
-            last_print = time.perf_counter()
-            rate = (done - self.start_episode) / max(wall - self.wall_before, 1e-9)
-            print(
-                f"episode {done}/{self.episodes}  phase {phase + 1}  reward {means['mean_reward']:.3f}  "
-                f"p99 {means['p99_ms']:.1f} ms  acc {means['accuracy']:.2f}  eps {self.agent.epsilon:.3f}  "
-                f"loss {means['loss']:.4g}  {rate:.1f} ep/s  ETA {_format_eta((self.episodes - done) / rate)}",
-                file=sys.stderr,
-            )
-        self.window = _Window()
-        return last_print
+        epsilon = self.agent.epsilon
+        writer.write(metrics_row(done, phase + 1, means, epsilon=epsilon, updates=self.learner.updates, wall_s=wall))
+        progress.row(done, phase + 1, means, epsilon=epsilon, wall_s=wall)
+        self.window = MetricsWindow()
 
     def train(self, stop_after: int | None) -> int | None:
         """The episode loop; the exit code when a stop signal (or `stop_after`) ended it early."""
         s, log = self.settings, self.run_dir.log
         writer = self.run_dir.metrics_writer()
-        last_print = -math.inf
+        progress = Progress(self.episodes, self.start_episode, self.wall_before)
         diverged = False
         try:
             with _stop_latch() as latch:
@@ -327,7 +274,7 @@ class SimTrainer:
                         diverged = True
                         log.warning(f"lbproxy: episode {done}: the TD loss is {self.agent.last_loss} (diverged?)")
                     if done % s.metrics_every == 0 or done == self.episodes:
-                        last_print = self.report(done, phase, writer, last_print)
+                        self.report(done, phase, writer, progress)
                     stopping = latch.requested or (stop_after is not None and done >= stop_after)
                     if done % s.checkpoint_every == 0 or (stopping and done < self.episodes):
                         self.save(done)
@@ -373,7 +320,7 @@ class SimTrainer:
             return stopped
         wall = self.wall_s()
         self.write_final(wall)
-        print(f"lbproxy: done: {self.episodes} episodes in {_format_eta(wall)}; model {final}", file=sys.stderr)
+        print(f"lbproxy: done: {self.episodes} episodes in {format_eta(wall)}; model {final}", file=sys.stderr)
         return 0
 
 

@@ -1,17 +1,19 @@
 """`lbproxy --mode train` on live traffic: the real proxy routes with the DQN while it learns.
 
-Episodes are `episode_decisions` routed decisions (lbproxy/live_episodes.py). The run directory is
-the simulator trainer's (rl/run_dir.py): every `metrics_every` episodes a CSV row (phase = "live",
-pooling the decisions of the episodes it closes), every `checkpoint_every` episodes a checkpoint, the
-run's warnings and errors in logs/training_errors.log; on SIGINT/SIGTERM or after `--episodes`
-episodes the proxy stops accepting, drains in-flight requests, checkpoints and writes
-RUN_DIR/dqn_final.pth, then exits 0: live training has no natural end, a stop signal is how it ends
-(the simulator trainer, whose run is unfinished when stopped, exits 143 instead). A SIGKILL loses
-only what came after the last checkpoint: checkpoints are written atomically (lbproxy/rl/checkpoint.py).
+Episodes are `episode_decisions` routed decisions (lbproxy/live_episodes.py). The run directory and
+the reports are the simulator trainer's (train/run_dir.py, train/report.py): every `metrics_every`
+episodes a CSV row (phase = "live", the mean over the episodes it closes) and a progress line, every
+`checkpoint_every` episodes a checkpoint, the run's warnings and errors in logs/training_errors.log.
+On SIGINT/SIGTERM or after `--episodes` episodes the proxy stops accepting, drains in-flight
+requests, checkpoints and writes RUN_DIR/dqn_final.pth, then exits 0: live training has no natural
+end, a stop signal is how it ends (the simulator trainer, whose run is unfinished when stopped, exits
+143 instead). A SIGKILL loses only what came after the last checkpoint: checkpoints are written
+atomically (lbproxy/rl/checkpoint.py).
 
-Resume (`--resume`) restores weights, target, optimizer, update count, ε position and the episode
-counter. The replay buffer is NOT checkpointed live (100k transitions is ~70 MB per checkpoint, and
-live traffic refills it in seconds); learning restarts once `learning_starts` transitions arrived.
+Resume (`--resume`) restores weights, target, optimizer, update count, ε position, the episode
+counter and the episodes of the row being accumulated. The replay buffer is NOT checkpointed live
+(100k transitions is ~70 MB per checkpoint, and live traffic refills it in seconds); learning
+restarts once `learning_starts` transitions arrived.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbproxy.config import ConfigError, Settings
-from lbproxy.live_episodes import EpisodeTracker, merge_windows
-from lbproxy.observe import WindowStats, WindowSummary
+from lbproxy.live_episodes import EpisodeTracker
 from lbproxy.policies.dqn_runtime import DqnRuntime, create_dqn_runtime
-from lbproxy.rl.run_dir import RunDir, metrics_row
 from lbproxy.serve import run_async
 from lbproxy.telemetry import Metrics
+from lbproxy.train.report import MetricsWindow, Progress, metrics_row
+from lbproxy.train.run_dir import RunDir
 
 if TYPE_CHECKING:
     from lbproxy.proxy import ProxyServer
     from lbproxy.rl.network import QNetwork
 
-LIVE_FORMAT = "lbproxy-live/1"
-PROGRESS_EVERY_EPISODES = 10
+LIVE_FORMAT = "lbproxy-live/2"
+"""/2: the checkpoint holds the episodes of the unfinished CSV row; /1 is refused."""
 DRAIN_TIMEOUT_S = 10.0
 
 
@@ -48,9 +50,9 @@ class LiveTrainer:
         self.episode = 0
         self.start_step = 0
         self.metrics = Metrics()
-        self.windows: list[WindowStats] = []
+        self.window = MetricsWindow()
+        self.progress = Progress(self.total_episodes, 0)
         self.t0 = time.monotonic()
-        self.last_summary: WindowSummary | None = None
         self.rt: DqnRuntime | None = None
         # Gini is capacity-normalised: configured weights are the live capacity (DESIGN.md §6).
         self.capacity = [b.weight for b in settings.backends]
@@ -73,6 +75,7 @@ class LiveTrainer:
                     )
                 self.episode = int(payload["episode"])
                 self.start_step = int(payload["decisions"])
+                self.window = MetricsWindow.from_state(payload["window"])
                 return None, dict(payload["learner"])
         if s.init_model is not None:
             if not Path(s.init_model).is_file():
@@ -89,14 +92,16 @@ class LiveTrainer:
         """Consume completed episode windows; returns the episode numbers that need a checkpoint."""
         due: list[int] = []
         s = self.settings
+        rt = self.rt
+        assert rt is not None
         while tracker.completed and self.episode < self.total_episodes:
-            self.windows.append(tracker.completed.pop(0))
+            stats = tracker.completed.pop(0)
+            cap = (self.capacity + [1.0] * len(stats.load))[: len(stats.load)]  # backends added at runtime: 1.0
+            self.window.add(stats.summary(cap), rt.learner.last_loss if rt.learner is not None else float("nan"))
             self.episode += 1
             self.metrics.episode.set(self.episode)
             if self.episode % s.metrics_every == 0 or self.episode == self.total_episodes:
                 self._write_row()
-            if self.episode % PROGRESS_EVERY_EPISODES == 0:
-                self._progress()
             if self.episode % s.checkpoint_every == 0:
                 due.append(self.episode)
             if self.episode >= self.total_episodes:
@@ -104,48 +109,21 @@ class LiveTrainer:
         return due
 
     def _write_row(self) -> None:
-        if not self.windows:
+        """The row of the episodes since the last one, and the progress line."""
+        if not self.window.rows:
             return
         rt = self.rt
         assert rt is not None
-        merged = merge_windows(self.windows)
-        cap = (self.capacity + [1.0] * len(merged.load))[: len(merged.load)]  # backends added at runtime: 1.0
-        sm = self.last_summary = merged.summary(cap)
-        self.windows = []
+        means = self.window.means()
+        self.window = MetricsWindow()
         lrn = rt.learner
-        values = {
-            "mean_reward": sm.mean_reward,
-            "gini": sm.gini,
-            "accuracy": sm.accuracy,
-            "mean_ms": sm.mean_latency_s * 1000,
-            "p50_ms": sm.p50_s * 1000,
-            "p99_ms": sm.p99_s * 1000,
-            "error_rate": sm.error_rate,
-            "loss": lrn.last_loss if lrn is not None else float("nan"),
-        }
         updates = lrn.total_updates if lrn is not None else 0
         wall_s = time.monotonic() - self.t0
-        self.csv.write(
-            metrics_row(self.episode, "live", values, epsilon=rt.policy.epsilon, updates=updates, wall_s=wall_s)
-        )
-
-    def _progress(self) -> None:
-        rt = self.rt
-        assert rt is not None
-        sm = self.last_summary
-        lrn = rt.learner
-        parts = [
-            f"episode {self.episode}/{self.total_episodes}",
-            "live",
-            f"reward {sm.mean_reward:.3f}" if sm else "",
-            f"p99 {sm.p99_s * 1000:.1f} ms" if sm else "",
-            f"eps {rt.policy.epsilon:.3f}",
-            f"loss {lrn.last_loss:.4f}" if lrn is not None else "",
-            f"updates {lrn.updates}" if lrn is not None else "",
-            f"fallbacks {sum(rt.policy.fallback_counts.values())}",
-            f"{time.monotonic() - self.t0:.0f}s",
-        ]
-        print("lbproxy train: " + ", ".join(p for p in parts if p), file=sys.stderr, flush=True)
+        epsilon = rt.policy.epsilon
+        self.csv.write(metrics_row(self.episode, "live", means, epsilon=epsilon, updates=updates, wall_s=wall_s))
+        fallbacks = sum(rt.policy.fallback_counts.values())
+        extra = f"  updates {updates}  fallbacks {fallbacks}"
+        self.progress.row(self.episode, "live", means, epsilon=epsilon, wall_s=wall_s, extra=extra)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save_checkpoint(self) -> Path:
@@ -158,6 +136,7 @@ class LiveTrainer:
             "learner": rt.learner.snapshot(),
             "arch": dict(rt.arch),
             "seed": self.settings.seed,
+            "window": self.window.state(),
         }
         return self.run_dir.save_checkpoint(self.episode, payload, self.settings.keep_checkpoints)
 
@@ -182,6 +161,7 @@ class LiveTrainer:
         s = self.settings
         admin_token(s)  # an exposed admin listener without a token: refuse before loading anything
         net, learner_state = self._initial_state()
+        self.progress = Progress(self.total_episodes, self.episode)
         tracker = EpisodeTracker(len(s.backends), s.episode_decisions, s.error_penalty)
         self.rt = rt = create_dqn_runtime(
             s,

@@ -1,9 +1,9 @@
-"""A training run's directory, the same for both trainers (`--env sim`: rl/trainer.py, `--env live`:
-lbproxy/live_train.py):
+"""A training run's directory, the same for both trainers (`--env sim`: train/sim.py, `--env live`:
+train/live.py):
 
     RUN_DIR/checkpoints/dqn_episode_XXXX.pth   every checkpoint_every episodes (rl/checkpoint.py:
                                                atomic, state_dicts and primitives, weights_only)
-    RUN_DIR/metrics/training_metrics.csv       a row every metrics_every episodes (`metrics_row`)
+    RUN_DIR/metrics/training_metrics.csv       a row every metrics_every episodes (train/report.py)
     RUN_DIR/logs/training_errors.log           the run's warnings and errors, appended (:class:`RunLog`)
     RUN_DIR/dqn_final.pth                      the model at the end (rl/checkpoint.save_model)
 
@@ -43,29 +43,11 @@ from lbproxy.rl.checkpoint import (
     save_model,
 )
 from lbproxy.rl.network import QNetwork
-from lbproxy.telemetry import TRAINING_METRIC_FIELDS, CsvMetricsWriter
-
-METRIC_FIELDS = TRAINING_METRIC_FIELDS
-"""Columns of metrics/training_metrics.csv (`lbproxy plot` reads them), filled by `metrics_row`."""
+from lbproxy.telemetry import CsvMetricsWriter
+from lbproxy.train.report import METRIC_FIELDS
 
 ERROR_LOG = Path("logs") / "training_errors.log"
 """Where in RUN_DIR the warnings and errors of a run are kept (the prototype's Models/logs/training_errors.log)."""
-
-
-def metrics_row(
-    episode: int, phase: int | str, metrics: Mapping[str, float], *, epsilon: float, updates: int, wall_s: float
-) -> dict[str, object]:
-    """One CSV row, the same format whichever trainer writes it: `metrics` holds the columns from
-    mean_reward to loss (means over the episodes the row closes), 6 significant digits each."""
-    values = {k: f"{float(metrics[k]):.6g}" for k in METRIC_FIELDS[2:10]}
-    return {
-        "episode": episode,
-        "phase": phase,
-        **values,
-        "epsilon": f"{epsilon:.4f}",
-        "updates": updates,
-        "wall_s": f"{wall_s:.1f}",
-    }
 
 
 class RunDir:
