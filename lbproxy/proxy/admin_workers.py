@@ -171,7 +171,7 @@ async def metrics(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR_KEY]
     await _gather(sup, "/metrics")  # each worker flushes its batched counts when scraped
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(sup.metrics_dir))
+    MultiProcessCollector(registry, path=str(sup.metrics_dir))  # type: ignore[no-untyped-call]  # unannotated upstream
     body = generate_latest(registry) + generate_latest(sup.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -281,7 +281,8 @@ def _find_weights(path: Path, payload: dict[str, Any]) -> Mapping[str, torch.Ten
             raise CheckpointError(
                 f"{path}: weight {k!r} holds NaN or inf (a diverged training run?); retrain the model"
             )
-    return sd
+    weights: Mapping[str, torch.Tensor] = sd
+    return weights
 
 
 def arch_from_state_dict(path: Path, sd: Mapping[str, torch.Tensor]) -> dict[str, int | str]:

@@ -98,7 +98,8 @@ class Learner:
         next_a = masked_argmax(self.online(batch.next_obs), batch.next_mask)
         next_q = self.target(batch.next_obs).gather(1, next_a.unsqueeze(1)).squeeze(1)
         bootstrap = (1.0 - batch.dones) * batch.next_mask.any(dim=1).float()
-        return batch.rewards + self.cfg.gamma * bootstrap * next_q
+        target: torch.Tensor = batch.rewards + self.cfg.gamma * bootstrap * next_q
+        return target
 
     def update(self, batch: ReplaySamples) -> float:
         """One gradient step on `batch`; returns the Huber TD loss (before the step). With gamma = 0
@@ -108,7 +109,7 @@ class Learner:
         loss = F.smooth_l1_loss(q, td_target)
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
 

@@ -198,6 +198,8 @@ class ProcessLearner:
         self.base_updates = int(core.updates)
         self.fed = 0
         self._seen_version = 0
+        self._last: dict[str, Any] | None = None
+        """The last state the process sent (what a snapshot returns once it has died)."""
         self._loss_n_seen = 0.0
         self._loss_sum_seen = 0.0
         self._proc: Any = None
@@ -330,5 +332,4 @@ class ProcessLearner:
             return dict(state)
 
     def _last_snapshot_or_core(self) -> dict[str, Any]:
-        last = getattr(self, "_last", None)
-        return last if last is not None else self.core.state_dict()
+        return self._last if self._last is not None else self.core.state_dict()
