@@ -31,7 +31,14 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        # Defined group by group, in this order (the order /metrics lists them in).
+        self._define_traffic(self.registry)
+        self._define_learning(self.registry)
+        self._define_faults(self.registry)
+        self._define_guardrail(self.registry)
+
+    def _define_traffic(self, r: CollectorRegistry) -> None:
+        """Requests, backends and routing decisions."""
         self.requests = Counter(
             "lbproxy_requests", "Requests answered, by backend and status code", ["backend", "code"], registry=r
         )
@@ -72,6 +79,9 @@ class Metrics:
         self.fallbacks = Counter(
             "lbproxy_decision_fallbacks", "Decisions routed by the fallback policy, by reason", ["reason"], registry=r
         )
+
+    def _define_learning(self, r: CollectorRegistry) -> None:
+        """Routing quality (every policy) and the DQN learner."""
         # Learning / quality gauges: measured for every policy, over the last reporting window; with
         # workers, each worker's window (a `pid` label), since a mean of ratios is not the ratio of sums.
         window: Final = "liveall"
@@ -106,6 +116,9 @@ class Metrics:
             "lbproxy_inference_batch_size", "Decisions per forward pass", buckets=BATCH_BUCKETS, registry=r
         )
         self.episode = Gauge("lbproxy_episode", "Current training episode", registry=r, multiprocess_mode=learner)
+
+    def _define_faults(self, r: CollectorRegistry) -> None:
+        """Faults that leave the proxy serving, and the event loop's task count."""
         # Faults that leave the proxy serving (SECURITY.md): alert on any increase.
         self.learner_failures = Counter(
             "lbproxy_learner_failures",
@@ -127,6 +140,9 @@ class Metrics:
         self.admin_denied = Counter(
             "lbproxy_admin_denied", "Admin requests refused for a missing or wrong bearer token", registry=r
         )
+
+    def _define_guardrail(self, r: CollectorRegistry) -> None:
+        """The DQN guardrail's switches and state."""
         # Guardrail (lbproxy/guardrail.py): both `to` children exist from the start, so rate() and
         # increase() see a 0 -> 1 step on the first switch instead of a series that appears from nowhere.
         self.guardrail_switches = Counter(

@@ -227,7 +227,7 @@ def test_window_stats_summary() -> None:
 def test_the_loop_and_vector_encodings_agree(n: int) -> None:
     """encode_state builds rows in a Python loop for small pools and with NumPy for large ones: the
     same numbers, including imputed classes, never-measured backends and non-candidates."""
-    from lbproxy.observe import _rows_loop, _rows_vector
+    from lbproxy.observe.features import _rows_loop, _rows_vector
 
     rng = np.random.default_rng(n)
     v = ClusterView.create(n)
