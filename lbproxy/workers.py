@@ -10,7 +10,7 @@ metrics aggregation are ours either way; and gunicorn would become a runtime dep
 
 Processes. The supervisor binds, without listening on, the data port with SO_REUSEPORT: a port 0 is
 resolved once, a port in use is a one-line error before any worker starts, and nobody else takes the
-port while a worker restarts. Then it starts N workers (`python -m lbproxy.workers`), each a full
+port while a worker restarts. Then it starts N workers (lbproxy/worker_process.py), each a full
 serve-mode proxy (lbproxy/serve.py) listening on that port with SO_REUSEPORT; the kernel spreads new
 connections over their listeners. Every worker has its own event loop (uvloop), pool, policy, inline
 inference and active health checks; passive outlier detection judges each worker's own traffic (as
@@ -47,17 +47,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lbproxy.config import ConfigError, Settings
+from lbproxy.config import Settings
+from lbproxy.worker_process import WorkerLink as WorkerLink  # re-exported: serve.py's type hints name it here
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import aiohttp
     from aiohttp import web
 
-    from lbproxy.proxy import ProxyServer
     from lbproxy.proxy.admin_workers import AdminChanges
 
 STOP_GRACE_S = 5.0
@@ -74,88 +72,6 @@ EXIT_WORKER_FAILED = 1
 log = logging.getLogger("lbproxy")
 
 
-class SupervisorGone(Exception):
-    """The worker's control socket reached EOF before the worker accepted: nothing to serve for."""
-
-
-# --- the worker's side --------------------------------------------------------------------------------
-class WorkerLink:
-    """A worker's end of its control socket (lbproxy/serve.py `serve(settings, link)` drives it)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._watch: asyncio.Task[None] | None = None
-
-    def read_settings(self) -> Settings | None:
-        """The settings line (blocking, before any loop runs); None when the supervisor is gone."""
-        with self.sock.makefile("rb") as fh:  # closing the file leaves the socket open
-            line = fh.readline()
-        return Settings.model_validate(json.loads(line)) if line else None
-
-    async def admitted(self, server: ProxyServer) -> None:
-        """`ProxyServer.start(before_accepting=...)`: report the admin port, wait for "go" (the
-        supervisor replays its admin changes meanwhile)."""
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
-        self._send({"admin_port": server.admin_port, "policy": server.policy_name})
-        if not await self._reader.readline():
-            raise SupervisorGone
-
-    def serving(self, server: ProxyServer, on_stop: Callable[[], None]) -> None:
-        """Report the data port; call `on_stop` when the supervisor asks for a stop or is gone."""
-        self._send({"serving": server.port})
-        self._watch = asyncio.get_running_loop().create_task(self._wait_eof(on_stop))
-
-    async def _wait_eof(self, on_stop: Callable[[], None]) -> None:
-        assert self._reader is not None
-        with contextlib.suppress(ConnectionError):
-            await self._reader.read()
-        on_stop()
-
-    async def failed(self, exc: ConfigError) -> None:
-        """Tell the supervisor why this worker cannot serve (it prints the line once for all workers)."""
-        line = json.dumps({"error": str(exc)}).encode() + b"\n"
-        try:
-            if self._writer is None:  # it failed before it was admitted: the socket is still ours
-                self.sock.setblocking(False)
-                await asyncio.get_running_loop().sock_sendall(self.sock, line)
-            else:
-                self._writer.write(line)
-                await self._writer.drain()
-        except OSError:
-            print(f"lbproxy: {exc}", file=sys.stderr, flush=True)
-
-    def _send(self, msg: dict[str, Any]) -> None:
-        assert self._writer is not None
-        self._writer.write(json.dumps(msg).encode() + b"\n")
-
-
-async def _serve_worker(settings: Settings, link: WorkerLink) -> int:
-    from lbproxy.serve import serve
-
-    try:
-        return await serve(settings, link)
-    except SupervisorGone:
-        return 0
-    except ConfigError as exc:  # e.g. a model file that cannot be used
-        await link.failed(exc)
-        return 2
-
-
-def worker_main(argv: list[str]) -> int:
-    """`python -m lbproxy.workers CONTROL_FD`: one worker, started by the supervisor."""
-    from lbproxy.serve import run_async
-
-    link = WorkerLink(socket.socket(fileno=int(argv[0])))
-    try:
-        settings = link.read_settings()
-        return 0 if settings is None else run_async(_serve_worker(settings, link))
-    except KeyboardInterrupt:
-        return 130
-
-
-# --- the supervisor's side ----------------------------------------------------------------------------
 @dataclass
 class Worker:
     """One worker process as the supervisor sees it."""
@@ -273,7 +189,7 @@ class Supervisor:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         try:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "lbproxy.workers", str(child.fileno())],
+                [sys.executable, "-m", "lbproxy.worker_process", str(child.fileno())],
                 pass_fds=(child.fileno(),),
                 env=env,
                 process_group=0,
@@ -432,7 +348,3 @@ def run_supervisor(settings: Settings) -> int:
         return await Supervisor(settings).run()
 
     return run_async(main())
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
