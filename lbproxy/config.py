@@ -12,9 +12,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +21,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lbproxy.observe import ERROR_PENALTY, MAX_BACKENDS
+from lbproxy.config_values import BackendList, BackendSpec, Percent, Port, WorkerCount
+from lbproxy.config_values import usable_cpus as usable_cpus  # re-exported: benchmarks/workers.py imports it here
+from lbproxy.observe import ERROR_PENALTY
 from lbproxy.outlier import (
     LATENCY_EJECT_COMPLETIONS,
     LATENCY_EJECT_FACTOR,
@@ -41,83 +42,6 @@ class ConfigError(Exception):
     """A user mistake in configuration: reported as one line, exit code 2, never a traceback."""
 
 
-class BackendSpec(BaseModel):
-    """One upstream: its base URL and relative capacity (weight)."""
-
-    url: str
-    weight: float = Field(default=1.0, gt=0)
-    name: str = ""
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http",) or not parts.hostname or (parts.port is None and ":" in parts.netloc):
-            raise ValueError(f"malformed backend URL {v!r}: expected http://HOST:PORT")
-        if not parts.hostname:
-            raise ValueError(f"malformed backend URL {v!r}: expected http://HOST:PORT")
-        try:
-            _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"malformed backend URL {v!r}: {exc}") from None
-        return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _default_name(self) -> BackendSpec:
-        if not self.name:
-            p = urlsplit(self.url)
-            self.name = f"{p.hostname}:{p.port or 80}"
-        return self
-
-
-def parse_backends(value: Any) -> list[BackendSpec]:
-    """Accepts `URL[=WEIGHT][,URL[=WEIGHT]...]`, a list of such strings, or a list of tables
-    (`{url = "...", weight = 2}`) as written in TOML."""
-    if value is None or value == "":
-        return []
-    items: list[Any] = value.split(",") if isinstance(value, str) else list(value)
-    out: list[BackendSpec] = []
-    for item in items:
-        if isinstance(item, BackendSpec):
-            out.append(item)
-        elif isinstance(item, dict):
-            out.append(BackendSpec(**item))
-        else:
-            text = str(item).strip()
-            if not text:
-                continue
-            url, sep, weight = text.rpartition("=")
-            if sep and weight.replace(".", "", 1).isdigit():
-                out.append(BackendSpec(url=url, weight=float(weight)))
-            else:
-                out.append(BackendSpec(url=text))
-    return out
-
-
-MAX_WORKERS = 256
-"""Most proxy worker processes: beyond the cores of any one host this project targets, a value is a typo."""
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def parse_workers(value: Any) -> int:
-    """`--workers`: a whole number 1..MAX_WORKERS or `auto` (:func:`usable_cpus`); ValueError otherwise."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return min(usable_cpus(), MAX_WORKERS)
-        value = int(text) if text.isdigit() else text
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise ValueError(f"must be a whole number from 1 to {MAX_WORKERS} or auto, got {value!r}")
-    return value
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LBPROXY_", extra="forbid", validate_default=True)
 
@@ -132,7 +56,7 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="Random seed for policies, exploration, simulator and training.")
 
     # --- data plane --------------------------------------------------------------------------------
-    backends: list[BackendSpec] = Field(
+    backends: BackendList = Field(
         default_factory=list,
         description="Upstreams as URL[=WEIGHT][,URL[=WEIGHT]...], e.g. http://127.0.0.1:8081,http://127.0.0.1:8082=2.",
     )
@@ -142,8 +66,8 @@ class Settings(BaseSettings):
         "--cluster`); its servers become the backends, their workers x speed the weights.",
     )
     host: str = Field("0.0.0.0", description="Address the proxy listens on.")
-    port: int = Field(8080, ge=0, le=65535, description="Port the proxy listens on.")
-    workers: int = Field(
+    port: Port = Field(8080, description="Port the proxy listens on.")
+    workers: WorkerCount = Field(
         1,
         description="Proxy processes accepting on the one port (SO_REUSEPORT), each with its own event loop, "
         "pool view and inline inference; `auto` = the CPUs this process may run on. Above 1, a supervisor "
@@ -155,7 +79,7 @@ class Settings(BaseSettings):
         description="Address of the admin listener (/metrics, /healthz, "
         "/readyz, /admin/...); loopback only by default. Any other address needs an admin token.",
     )
-    admin_port: int = Field(9180, ge=0, le=65535, description="Port of the admin listener.")
+    admin_port: Port = Field(9180, description="Port of the admin listener.")
     # Never printed or dumped (repr=False, exclude=True); read by lbproxy/proxy/admin.py.
     admin_token: str | None = Field(
         None,
@@ -220,11 +144,9 @@ class Settings(BaseSettings):
         description="Base ejection time (s), multiplied by the number of "
         "times the backend was ejected (Envoy default: 30 s).",
     )
-    max_ejection_percent: float = Field(50.0, ge=0, le=100, description="Never eject more than this share of backends.")
-    panic_threshold_percent: float = Field(
+    max_ejection_percent: Percent = Field(50.0, description="Never eject more than this share of backends.")
+    panic_threshold_percent: Percent = Field(
         50.0,
-        ge=0,
-        le=100,
         description="Below this share of available backends, route to all of them (Envoy's panic mode, default 50%).",
     )
     # Latency ejection, slow start and retry limits: rules, defaults and sources in lbproxy/outlier.py
@@ -262,16 +184,12 @@ class Settings(BaseSettings):
         description="Slow-start ramp: share = max(min weight, (t / window) ^ (1 / aggression)); 1 = linear "
         "(Envoy default).",
     )
-    slow_start_min_weight_percent: float = Field(
+    slow_start_min_weight_percent: Percent = Field(
         SLOW_START_MIN_WEIGHT_PERCENT,
-        ge=0,
-        le=100,
         description="Share a slow-starting backend starts at, in % of its fair share (Envoy default: 10).",
     )
-    retry_budget_percent: float = Field(
+    retry_budget_percent: Percent = Field(
         RETRY_BUDGET_PERCENT,
-        ge=0,
-        le=100,
         description="Retry budget: concurrent retries stay within this share of active requests, so retries "
         "cannot multiply an outage (Envoy retry_budget default: 20%).",
     )
@@ -376,23 +294,6 @@ class Settings(BaseSettings):
         description="Run live learner updates in a separate process (shared-memory replay) instead of a "
         "thread; see benchmarks/results/dqn_proxy.md for which keeps throughput higher.",
     )
-
-    @field_validator("backends", mode="before")
-    @classmethod
-    def _parse_backends(cls, v: Any) -> list[BackendSpec]:
-        return parse_backends(v)
-
-    @field_validator("backends")
-    @classmethod
-    def _check_backend_count(cls, v: list[BackendSpec]) -> list[BackendSpec]:
-        if len(v) > MAX_BACKENDS:
-            raise ValueError(f"at most {MAX_BACKENDS} backends are supported, got {len(v)}")
-        return v
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _parse_workers(cls, v: Any) -> int:
-        return parse_workers(v)
 
     @field_validator("policy")
     @classmethod

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import LOOPBACK, REPO, Proc, running, start_backend, start_proxy
 from test_proxy_faults import _accepts
 
-from lbproxy.config import MAX_WORKERS, parse_workers, usable_cpus
+from lbproxy.config_values import MAX_WORKERS, parse_workers, usable_cpus
 
 WAIT_S = 20.0
 """Longest wait for a worker to be restarted or a count to show up (a busy 2-core machine)."""
