@@ -23,7 +23,7 @@ from lbproxy.telemetry import Metrics
 
 if TYPE_CHECKING:
     from lbproxy.proxy import ProxyServer
-    from lbproxy.workers import WorkerLink
+    from lbproxy.worker_process import WorkerLink
 
 DRAIN_TIMEOUT_S = 10.0
 """In-flight requests get this long to finish after a stop signal (Kubernetes' default grace is 30 s)."""

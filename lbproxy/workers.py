@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lbproxy.config import Settings
-from lbproxy.worker_process import WorkerLink as WorkerLink  # re-exported: serve.py's type hints name it here
 
 if TYPE_CHECKING:
     import aiohttp
