@@ -141,8 +141,13 @@ def empty(req_class: int, view: ClusterView, now_s: float) -> int:
 
 def cases_for(n: int, net: QNetwork, iterations: int) -> dict[str, tuple[Step, int]]:
     """Every row's (step, calls per trial) for an n-backend view."""
-    slow = max(1, iterations // 20)  # the DQN's rows are ~10-100x dearer: keep their trials as short
     view = make_view(n)
+    slow = max(1, iterations // 20)  # the DQN's rows are ~10-100x dearer: keep their trials as short
+    return {**heuristic_cases(view, n, iterations), **dqn_cases(view, n, net, slow)}
+
+
+def heuristic_cases(view: ClusterView, n: int, iterations: int) -> dict[str, tuple[Step, int]]:
+    """The empty-call floor, every heuristic, and the reference rows (unequal weights, the method call)."""
     weighted = make_view(n, weighted=True)
     out: dict[str, tuple[Step, int]] = {"(empty call: loop + call floor)": (lambda: empty(0, view, NOW_S), iterations)}
     for name in HEURISTICS:
@@ -150,7 +155,12 @@ def cases_for(n: int, net: QNetwork, iterations: int) -> dict[str, tuple[Step, i
     out["round_robin, unequal weights (smooth WRR)"] = (policy_step(make_policy("round_robin"), weighted), iterations)
     out["least_conn, unequal weights (Python scan)"] = (policy_step(make_policy("least_conn"), weighted), iterations)
     out["peak_ewma via view.decayed_cost (not shipped)"] = (policy_step(PeakEwmaViaMethod(0), view), iterations)
+    return out
 
+
+def dqn_cases(view: ClusterView, n: int, net: QNetwork, slow: int) -> dict[str, tuple[Step, int]]:
+    """The DQN's pieces on `view` (the module docstring lists them), `slow` calls per trial each."""
+    out: dict[str, tuple[Step, int]] = {}
     weights = NumpyWeights.from_state_dict(net.state_dict())
     state = np.empty(feature_dim(SERVING_WIDTH), dtype=np.float32)
     out[f"dqn: encode_state into a buffer ({SERVING_WIDTH} rows)"] = (

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import command, load_routing_network, machine, write_result  # noqa: E402
+from common import command, load_routing_network, machine, utc_now, write_result  # noqa: E402
 
 from lbproxy.observe import MAX_BACKENDS, ClusterView, DispatchModel, Outcome, encode_state, feature_dim  # noqa: E402
 from lbproxy.policies import make_policy  # noqa: E402
@@ -162,6 +161,12 @@ async def time_policy(policy: Any, concurrency: int, rounds: int) -> float:
     return sorted(trials)[len(trials) // 2]
 
 
+PASS_HEADER = (
+    "| path | states per pass | p50 µs/pass | p99 µs/pass | ns/state (p50) | M states/s (p50) |\n"
+    "|---|---|---|---|---|---|"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -175,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     net = load_routing_network(HIDDEN)  # spreads load; the passes cost the same whatever the weights
+    print(PASS_HEADER)
+    rows, gpu_note = pass_rows(net, args.repeats)
+    decide_rows = decision_rows(net, args.repeats)
+    write_result(args.out, report(net, command(argv), args.note, rows, gpu_note, decide_rows))
+    return 0
+
+
+def pass_rows(net: Any, repeats: int) -> tuple[list[str], str]:
+    """The pass table's rows (printed as they come) and the GPU note ("" when CUDA rows were run)."""
     rows: list[str] = []
 
     def emit(path: str, k: int, p50: float, p99: float) -> None:
@@ -186,16 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def cpu_repeats(k: int) -> int:
         """Fewer repeats for big CPU blocks (a NumPy pass scores its states one by one)."""
-        return max(min(args.repeats, 50), args.repeats * 32 // max(k, 32))
+        return max(min(repeats, 50), repeats * 32 // max(k, 32))
 
-    header = (
-        "| path | states per pass | p50 µs/pass | p99 µs/pass | ns/state (p50) | M states/s (p50) |\n"
-        "|---|---|---|---|---|---|"
-    )
-    print(header)
     inline = InferenceEngine(WIDTH)
     inline.load_network(net)
-    emit(f"CPU numpy, inline pass ({BACKENDS} + {BACKENDS} rows)", 1, *time_inline(inline, args.repeats))
+    emit(f"CPU numpy, inline pass ({BACKENDS} + {BACKENDS} rows)", 1, *time_inline(inline, repeats))
     thread = InferenceEngine(WIDTH, max_batch=max(CPU_BATCHES), cpu_backend="thread")
     thread.load_network(net)
     for k in CPU_BATCHES:
@@ -208,23 +217,24 @@ def main(argv: list[str] | None = None) -> int:
 
     for k in CPU_BATCHES:
         emit("CPU torch forward (reference, not an engine backend)", k, *time_cpu_passes(torch_pass, k, cpu_repeats(k)))
-    gpu_note = "skipped: no CUDA"
-    if torch.cuda.is_available():
-        gpu_note = ""
-        for graphs in (False, True):
-            eng = InferenceEngine(WIDTH, max_batch=max(GPU_BATCHES), device="cuda", use_graphs=graphs)
-            eng.load_network(net)
-            label = "CUDA graph" if graphs else "eager"
-            for k in GPU_BATCHES:
-                emit(f"GPU {label}, host staging incl.", k, *time_device(eng, k, args.repeats, staged=False))
-            for k in GPU_BATCHES:
-                emit(f"GPU {label}, pre-staged", k, *time_device(eng, k, args.repeats, staged=True))
-            eng.close()
-    else:
-        print(gpu_note)
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA")
+        return rows, "skipped: no CUDA"
+    for graphs in (False, True):
+        eng = InferenceEngine(WIDTH, max_batch=max(GPU_BATCHES), device="cuda", use_graphs=graphs)
+        eng.load_network(net)
+        label = "CUDA graph" if graphs else "eager"
+        for k in GPU_BATCHES:
+            emit(f"GPU {label}, host staging incl.", k, *time_device(eng, k, repeats, staged=False))
+        for k in GPU_BATCHES:
+            emit(f"GPU {label}, pre-staged", k, *time_device(eng, k, repeats, staged=True))
+        eng.close()
+    return rows, ""
 
-    # What a proxy request pays for its decision: the dqn policy (state snapshot, the iteration's pass,
-    # dispatch-moved scores; or the off-loop round trip), next to round robin in the same harness.
+
+def decision_rows(net: Any, repeats: int) -> list[str]:
+    """What a proxy request pays for its decision: the dqn policy (state snapshot, the iteration's pass,
+    dispatch-moved scores; or the off-loop round trip), next to round robin in the same harness."""
     try:
         import uvloop
 
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 eng = InferenceEngine(WIDTH, max_batch=256, device=device, cpu_backend=cpu_backend)
                 eng.load_network(net)
                 policy = DqnPolicy(eng, width=WIDTH)
-            rounds = max(10, 2 * args.repeats // conc)
+            rounds = max(10, 2 * repeats // conc)
             us = runner(time_policy(policy, conc, rounds))
             mean_batch = f"{eng.decisions / eng.passes:.1f}" if eng is not None and eng.passes else "-"
             if eng is not None:
@@ -258,12 +268,14 @@ def main(argv: list[str] | None = None) -> int:
             line = f"| {where} | {conc} per iteration | {us:.2f} µs/decision | {mean_batch} |"
             decide_rows.append(line)
             print(line, flush=True)
+    return decide_rows
 
-    cmd = command(argv)
-    text = [
+
+def report(net: Any, cmd: str, note: str, rows: list[str], gpu_note: str, decide_rows: list[str]) -> list[str]:
+    return [
         "# Decision latency by batch size",
         "",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_now()}",
         f"- machine: {machine()}",
         f"- command: `{cmd}`",
         f"- network: QNetwork(hidden={HIDDEN}, summary={net.summary}) (permutation-equivariant, rl/network.py),"
@@ -272,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         f" states of {WIDTH} rows ({feature_dim(WIDTH)} features) from a {BACKENDS}-backend pool; a pass"
         " returns scores / Q-values (the policy's argmax is not in the pass rows);"
         " torch.set_num_threads(1); GPU rows include the pinned host copy in and out",
-        f"- note: {args.note}" if args.note else "",
+        f"- note: {note}" if note else "",
         "",
-        header,
+        PASS_HEADER,
         *rows,
         "",
         f"GPU: {gpu_note}" if gpu_note else "",
@@ -306,8 +318,6 @@ def main(argv: list[str] | None = None) -> int:
         *decide_rows,
         "",
     ]
-    write_result(args.out, text)
-    return 0
 
 
 if __name__ == "__main__":

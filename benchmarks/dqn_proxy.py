@@ -18,17 +18,13 @@ shows medians, and the ratios dqn/round_robin that the issue's target (>= 0.95) 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,11 +34,15 @@ sys.path.insert(0, str(REPO))
 from common import (  # noqa: E402
     CONNECTIONS,
     TASKSET,
+    bootstrap_median_interval,
     command,
+    cpu_s,
     load_routing_network,
     machine,
     pinned,
     run_wrk,
+    scrape_metrics,
+    utc_now,
     write_result,
 )
 from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
@@ -82,37 +82,8 @@ def start_proxy(backends: list[str], extra: list[str]) -> Proc:
 
 
 def metric(admin_url: str, name: str) -> float:
-    with urllib.request.urlopen(admin_url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, its threads and its live child processes (the
-    `--learner-process` learner) so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            for child in task.read_text().split():
-                total += cpu_s(int(child))
-    return total
-
-
-def bootstrap_median_interval(xs: list[float], level: float = 0.90, draws: int = 4000) -> tuple[float, float]:
-    """Percentile bootstrap interval of the median (seeded): how far the per-round median could move
-    on a rerun, which on a shared machine is the honest width of the headline ratio."""
-    rng = random.Random(0)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
-    tail = (1.0 - level) / 2.0
-    return meds[int(tail * draws)], meds[min(draws - 1, int((1.0 - tail) * draws))]
+    """Sum of every series of `name` on the proxy's /metrics now (0 when absent)."""
+    return scrape_metrics(admin_url).total(name) or 0.0
 
 
 def make_model(path: Path, hidden: int = 64) -> None:
@@ -128,6 +99,12 @@ def make_model(path: Path, hidden: int = 64) -> None:
     save_model(path, load_routing_network(hidden), {"note": "hand-set least-in-flight network for benchmarking"})
 
 
+IDLE_LEARNER = str(10**9)
+"""--learning-starts out of reach: the online path without a single update."""
+UPDATES = "lbproxy_learner_updates_total"
+FALLBACKS = "lbproxy_decision_fallbacks_total"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
@@ -140,67 +117,80 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lbproxy-bench-"))
     model = tmp / "model.pth"
     make_model(model, args.hidden)
-    configs: dict[str, list[str]] = {
-        "round_robin": ["--policy", "round_robin"],
-        "dqn": ["--policy", "dqn", "--model", str(model)],
-        # The decision records, reward join and replay rows without a single update: what learning costs
-        # the event loop itself, apart from the learner's CPU.
-        "dqn --online, learner idle": [
-            *("--policy", "dqn", "--model", str(model), "--online", "--learning-starts", str(10**9)),
-        ],
-        "dqn --online": ["--policy", "dqn", "--model", str(model), "--online", "--learning-starts", "256"],
-        "dqn --online --learner-process": [
-            *("--policy", "dqn", "--model", str(model), "--online", "--learning-starts", "256"),
-            "--learner-process",
-        ],
-    }
-    if args.no_online:
-        configs = {k: v for k, v in configs.items() if "--online" not in v}
+    configs = proxy_configs(model, args.no_online)
     results: dict[str, list[dict[str, float]]] = {k: [] for k in configs}
     ratios: list[float] = []  # dqn / round_robin per round (adjacent runs: least exposed to drift)
     backends = [start_backend("b1"), start_backend("b2")]
     proxies: dict[str, Proc] = {}
     try:
-        urls = [b.url for b in backends]
         # One proxy per configuration, started once; only the one under test gets traffic at a time.
         for name, extra in configs.items():
-            proxies[name] = start_proxy(urls, extra)
+            proxies[name] = start_proxy([b.url for b in backends], extra)
             run_wrk(proxies[name].url + "/api/light", 1)  # warm-up: connections, replay fill
-        for name, proxy in proxies.items():  # wait for online learners to run (spawned ones import torch)
-            deadline = time.monotonic() + LEARNER_WARMUP_S
-            learns = "--online" in configs[name] and str(10**9) not in configs[name]
-            while learns and time.monotonic() < deadline:
-                if metric(proxy.admin_url, "lbproxy_learner_updates_total") > 0:
-                    break
-                run_wrk(proxy.url + "/api/light", 1)
+        for name, proxy in proxies.items():
+            wait_for_learner(proxy, configs[name])
         for rnd in range(args.rounds):
             for name, proxy in proxies.items():
-                c0 = cpu_s(proxy.popen.pid)
-                u0, t0 = metric(proxy.admin_url, "lbproxy_learner_updates_total"), time.monotonic()
-                f0 = metric(proxy.admin_url, "lbproxy_decision_fallbacks_total")
-                r = run_wrk(proxy.url + "/api/light", args.duration).as_dict()
-                u1, t1 = metric(proxy.admin_url, "lbproxy_learner_updates_total"), time.monotonic()
-                r["updates_per_s"] = (u1 - u0) / (t1 - t0)
-                # CPU per request is the figure least moved by other work on a shared machine.
-                r["cpu_us_per_req"] = (cpu_s(proxy.popen.pid) - c0) * 1e6 / max(1.0, r["rps"] * args.duration)
-                r["fallback_pct"] = (
-                    100.0
-                    * (metric(proxy.admin_url, "lbproxy_decision_fallbacks_total") - f0)
-                    / max(1.0, r["rps"] * args.duration)
-                )
+                r = measure_round(proxy, args.duration)
                 results[name].append(r)
                 print(f"round {rnd + 1} {name:<32} " + " ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
             ratios.append(results["dqn"][-1]["rps"] / results["round_robin"][-1]["rps"])
     finally:
-        for proxy in proxies.values():
-            proxy.stop()
-            if proxy.popen.stdout is not None:
-                proxy.popen.stdout.close()
-        for b in backends:
-            b.stop()
-            if b.popen.stdout is not None:
-                b.popen.stdout.close()
+        for proc in [*proxies.values(), *backends]:
+            proc.stop()
+            if proc.popen.stdout is not None:
+                proc.popen.stdout.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    lines = summary_lines(results, ratios)
+    print("\n".join(lines))
+    write_result(args.out, report(args, command(argv), lines))
+    return 0
+
+
+def proxy_configs(model: Path, no_online: bool) -> dict[str, list[str]]:
+    """Each configuration's proxy flags, in table order."""
+    dqn = ["--policy", "dqn", "--model", str(model)]
+    configs: dict[str, list[str]] = {
+        "round_robin": ["--policy", "round_robin"],
+        "dqn": dqn,
+        # The decision records, reward join and replay rows without a single update: what learning costs
+        # the event loop itself, apart from the learner's CPU.
+        "dqn --online, learner idle": [*dqn, "--online", "--learning-starts", IDLE_LEARNER],
+        "dqn --online": [*dqn, "--online", "--learning-starts", "256"],
+        "dqn --online --learner-process": [*dqn, "--online", "--learning-starts", "256", "--learner-process"],
+    }
+    if no_online:
+        configs = {k: v for k, v in configs.items() if "--online" not in v}
+    return configs
+
+
+def wait_for_learner(proxy: Proc, flags: list[str]) -> None:
+    """Until an online learner has run its first update (a spawned one imports torch first), under load."""
+    deadline = time.monotonic() + LEARNER_WARMUP_S
+    learns = "--online" in flags and IDLE_LEARNER not in flags
+    while learns and time.monotonic() < deadline:
+        if metric(proxy.admin_url, UPDATES) > 0:
+            break
+        run_wrk(proxy.url + "/api/light", 1)
+
+
+def measure_round(proxy: Proc, duration_s: int) -> dict[str, float]:
+    """One wrk run through `proxy`, with its learner updates/s, CPU per request and fallback share."""
+    c0 = cpu_s(proxy.popen.pid)
+    u0, t0 = metric(proxy.admin_url, UPDATES), time.monotonic()
+    f0 = metric(proxy.admin_url, FALLBACKS)
+    r = run_wrk(proxy.url + "/api/light", duration_s).as_dict()
+    u1, t1 = metric(proxy.admin_url, UPDATES), time.monotonic()
+    r["updates_per_s"] = (u1 - u0) / (t1 - t0)
+    # CPU per request is the figure least moved by other work on a shared machine.
+    requests = max(1.0, r["rps"] * duration_s)
+    r["cpu_us_per_req"] = (cpu_s(proxy.popen.pid) - c0) * 1e6 / requests
+    r["fallback_pct"] = 100.0 * (metric(proxy.admin_url, FALLBACKS) - f0) / requests
+    return r
+
+
+def summary_lines(results: dict[str, list[dict[str, float]]], ratios: list[float]) -> list[str]:
+    """The table of medians per configuration and the dqn / round_robin ratios."""
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
@@ -211,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         " | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in configs:
+    for name in results:
         lines.append(
             f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'rps') / base:.3f} | {med(name, 'cpu_us_per_req'):.0f} | "
             f"{med(name, 'p50_ms'):.2f} | "
@@ -220,18 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     cpu_ratio = med("round_robin", "cpu_us_per_req") / med("dqn", "cpu_us_per_req")
     lo, hi = bootstrap_median_interval(ratios)
-    lines += [
+    return [
+        *lines,
         "",
         f"CPU-bound throughput ratio dqn / round_robin (inverse CPU µs per request, medians): {cpu_ratio:.3f}",
         f"dqn / round_robin per round: {', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f},"
         f" 90 % bootstrap interval of the median {lo:.3f}-{hi:.3f}; target >= 0.95)",
     ]
-    print("\n".join(lines))
-    cmd = command(argv)
-    text = [
+
+
+def report(args: argparse.Namespace, cmd: str, lines: list[str]) -> list[str]:
+    return [
         "# Proxy throughput: dqn vs round_robin (same run)",
         "",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_now()}",
         f"- machine: {machine()}",
         f"- command: `{cmd}`",
         f"- load: wrk -t1 -c{CONNECTIONS} -d{args.duration}s --latency on /api/light, "
@@ -270,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
         " peak_ewma because the DQN answer missed the deadline.",
         "",
     ]
-    write_result(args.out, text)
-    return 0
 
 
 if __name__ == "__main__":

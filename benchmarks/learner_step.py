@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import shlex
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from common import machine  # noqa: E402
+from common import machine, utc_now  # noqa: E402
 
 from lbproxy.config import Settings  # noqa: E402
 from lbproxy.observe import (  # noqa: E402
@@ -119,6 +118,10 @@ def filled_replay(n: int = 20_000) -> ReplayBuffer:
     for k in range(n):
         buf.add(states[k % 64], int(rng.integers(BACKENDS)), -float(rng.random()), states[(k + 1) % 64], mask)
     return buf
+
+
+Row = tuple[str, str, float]
+"""(what, device, µs per call)."""
 
 
 def update_rows(
@@ -245,6 +248,46 @@ def _training_agent_row(cfg: DqnConfig, trials: int, threads: int) -> tuple[str,
     )
 
 
+def measure_rows(cfg: DqnConfig, trials: int, threads: int) -> tuple[list[Row], list[Row]]:
+    """Every row in table order, and the decision-forward rows among them."""
+    replay = filled_replay()
+    rows = update_rows(cfg, "cpu", replay, trials, threads)
+    if threads > 1:
+        rows += update_rows(cfg, "cpu", replay, trials, 1)
+    if torch.cuda.is_available():
+        rows += update_rows(cfg, "cuda", replay, trials, threads)
+    else:
+        print("CUDA rows skipped: no CUDA device", file=sys.stderr)
+    rows += replay_rows(replay, trials)
+    fwd = forward_rows(cfg, trials)
+    rows += fwd
+    for gamma in GAMMAS:
+        agent_cfg = dataclasses.replace(cfg, gamma=gamma)
+        rows.append(training_agent_row(agent_cfg, trials, threads))
+        if threads > 1:
+            rows.append(training_agent_row(agent_cfg, trials, 1))
+    return rows, fwd
+
+
+def summary_text(rows: list[Row], fwd: list[Row], threads: int) -> str:
+    """The ratios measured side by side: torch vs greedy_action, gamma 0.5 vs 0, many threads vs one."""
+    by_name = {what: us for what, _dev, us in fwd}
+    ratio = by_name["forward+argmax batch 1: torch inference_mode"] / by_name[GREEDY_ROW]
+    summary = f"- batch-1 decision: torch inference_mode / greedy_action = {ratio:.2f}x (the agent uses greedy_action)"
+    cpu = {(what, dev): us for what, dev, us in rows}
+    b = BANDIT_BATCH
+    for where in dict.fromkeys(dev for what, dev, _us in rows if what.startswith("sample+update")):
+        bandit = cpu[(f"sample+update, batch {b}, gamma 0.0", where)]
+        boot = cpu[(f"sample+update, batch {b}, gamma 0.5", where)]
+        summary += f"\n- update batch {b} ({where}): gamma 0.5 / gamma 0.0 time = {boot / bandit:.2f}x"
+    if threads > 1:
+        for b in BATCHES:
+            many = cpu[(f"sample+update, batch {b}, gamma 0.5", f"cpu, {threads} threads")]
+            one = cpu[(f"sample+update, batch {b}, gamma 0.5", "cpu, 1 thread")]
+            summary += f"\n- update batch {b}, gamma 0.5: {threads} torch threads / 1 thread time = {many / one:.2f}x"
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     global TRIAL_BUDGET_S  # read by median_per_call_us: a script-wide knob, set once here from the flag
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -260,41 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     TRIAL_BUDGET_S = args.trial_budget_s
     cfg = DqnConfig.from_settings(Settings.model_validate({}))
-    replay = filled_replay()
-
     threads = torch.get_num_threads()
-    rows = update_rows(cfg, "cpu", replay, args.trials, threads)
-    if threads > 1:
-        rows += update_rows(cfg, "cpu", replay, args.trials, 1)
-    if torch.cuda.is_available():
-        rows += update_rows(cfg, "cuda", replay, args.trials, threads)
-    else:
-        print("CUDA rows skipped: no CUDA device", file=sys.stderr)
-    rows += replay_rows(replay, args.trials)
-    fwd = forward_rows(cfg, args.trials)
-    rows += fwd
-    for gamma in GAMMAS:
-        agent_cfg = dataclasses.replace(cfg, gamma=gamma)
-        rows.append(training_agent_row(agent_cfg, args.trials, threads))
-        if threads > 1:
-            rows.append(training_agent_row(agent_cfg, args.trials, 1))
-
+    rows, fwd = measure_rows(cfg, args.trials, threads)
     lines = ["| what | device | µs per call | calls/s |", "|---|---|---|---|"]
     lines += [f"| {what} | {dev} | {us:.1f} | {1e6 / us:,.0f} |" for what, dev, us in rows]
-    by_name = {what: us for what, _dev, us in fwd}
-    ratio = by_name["forward+argmax batch 1: torch inference_mode"] / by_name[GREEDY_ROW]
-    summary = f"- batch-1 decision: torch inference_mode / greedy_action = {ratio:.2f}x (the agent uses greedy_action)"
-    cpu = {(what, dev): us for what, dev, us in rows}
-    b = BANDIT_BATCH
-    for where in dict.fromkeys(dev for what, dev, _us in rows if what.startswith("sample+update")):
-        bandit = cpu[(f"sample+update, batch {b}, gamma 0.0", where)]
-        boot = cpu[(f"sample+update, batch {b}, gamma 0.5", where)]
-        summary += f"\n- update batch {b} ({where}): gamma 0.5 / gamma 0.0 time = {boot / bandit:.2f}x"
-    if threads > 1:
-        for b in BATCHES:
-            many = cpu[(f"sample+update, batch {b}, gamma 0.5", f"cpu, {threads} threads")]
-            one = cpu[(f"sample+update, batch {b}, gamma 0.5", "cpu, 1 thread")]
-            summary += f"\n- update batch {b}, gamma 0.5: {threads} torch threads / 1 thread time = {many / one:.2f}x"
+    summary = summary_text(rows, fwd, threads)
     table = "\n".join(lines)
     print(table)
     print(summary, flush=True)
@@ -302,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = shlex.join([".venv/bin/python", "benchmarks/learner_step.py", *(argv if argv is not None else sys.argv[1:])])
     text = (
         "# Learner step and decision forward cost\n\n"
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n"
+        f"- date: {utc_now()}\n"
         f"- machine: {machine()}\n"
         f"- command: `{cmd.strip()}`\n"
         f"- network: QNetwork(hidden={cfg.hidden}) (permutation-equivariant, rl/network.py) over states of {WIDTH}"

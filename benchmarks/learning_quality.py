@@ -133,16 +133,33 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
+    models = train_models(args)
+    if args.train_only:
+        return 0
+    rows, baselines = evaluate_models(args, models)
+    lines = report(args, rows, baselines, time.perf_counter() - t_start)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
 
+
+def train_models(args: argparse.Namespace) -> dict[tuple[str, int], Path]:
+    """The per-scenario model of each (scenario, seed), trained where it is missing."""
     models: dict[tuple[str, int], Path] = {}
     for scen_name in args.scenarios:
         for seed in args.seeds:
             t0 = time.perf_counter()
             models[scen_name, seed], _ = train_model(scen_name, seed, args.episodes, args.run_root)
             print(f"model {scen_name} seed {seed}: {models[scen_name, seed]} ({time.perf_counter() - t0:.0f} s)")
-    if args.train_only:
-        return 0
+    return models
 
+
+def evaluate_models(
+    args: argparse.Namespace, models: dict[tuple[str, int], Path]
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One row per (scenario, model) against the scenario's best heuristic and the SED oracle, and the
+    baselines' figures per scenario."""
     settings = Settings(mode="evaluate", seed=EVAL_SEED)
     rows: list[dict[str, Any]] = []
     baselines: dict[str, str] = {}
@@ -166,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.general is not None:
             dqn = _evaluate_model(args.general, scenario, args, settings)
             rows.append(_row(scen_name, "general", "default", dqn, best, oracle))
+    return rows, baselines
 
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], baselines: dict[str, str], wall_s: float) -> list[str]:
     lines = [
         "# Learning quality (issue 3 bar)",
         "",
@@ -182,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- per-scenario models (`seed N` rows): trained on the evaluated scenario's cluster, {args.episodes} "
         "episodes each (a reduced budget: the default run is 6000), other traffic seeds than evaluation",
         f"- general model (`general` rows): `{args.general}`, trained on the curriculum scenario only",
-        f"- benchmark wall time: {time.perf_counter() - t_start:.0f} s",
+        f"- benchmark wall time: {wall_s:.0f} s",
         "",
         "| scenario | model | train episodes | DQN p99 ms | best heuristic (p99) | its p99 ms | p99 ratio | bar | "
         "DQN mean ms | oracle mean ms | mean ratio | bar 1.10 |",
@@ -211,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"- {k}: {v}" for k, v in baselines.items()]
     if args.notes is not None and args.notes.is_file():
         lines += ["", args.notes.read_text().rstrip()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

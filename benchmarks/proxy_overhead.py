@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import os
 import shutil
 import signal
 import statistics
@@ -30,13 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from common import LOAD_CPU, machine, pinned, run_wrk  # noqa: E402
+from common import LOAD_CPU, PROXY_CPU, cpu_s, machine, pinned, run_wrk, utc_now  # noqa: E402
 from support import free_port  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "proxy_overhead.md"
 BODY_BYTES = 100  # ANCHORS.md: "aiohttp+uvloop backend, direct, 100-byte body"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PROXY_CPU = 0
 
 
 # --- the backend: the ANCHORS one (aiohttp + uvloop, 100-byte body) ---------------------------------
@@ -85,24 +81,6 @@ def started(argv: list[str], ready_url: str, cwd: Path = REPO) -> Iterator[subpr
                 p.wait()
 
 
-def cpu_seconds(pid: int, with_children: bool = False) -> float:
-    """utime + stime of pid (and, for nginx, of its live children: the worker)."""
-    pids = [pid]
-    if with_children:
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                with contextlib.suppress(OSError):
-                    fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                    if int(fields[1]) == pid:
-                        pids.append(int(d.name))
-    total = 0
-    for p in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
 @dataclass
 class Run:
     rps: float
@@ -117,11 +95,11 @@ class Run:
         return self.cpu_s / max(self.requests, 1) * 1e6
 
 
-def wrk(url: str, duration_s: float, connections: int, cpu_pid: int | None, with_children: bool = False) -> Run:
-    """One wrk run, with the CPU time `cpu_pid` (and its children, for nginx's workers) spent meanwhile."""
-    cpu0 = cpu_seconds(cpu_pid, with_children) if cpu_pid else 0.0
+def wrk(url: str, duration_s: float, connections: int, cpu_pid: int | None) -> Run:
+    """One wrk run, with the CPU time `cpu_pid` (and its children: nginx's worker) spent meanwhile."""
+    cpu0 = cpu_s(cpu_pid) if cpu_pid else 0.0
     w = run_wrk(url, duration_s, connections)
-    cpu = (cpu_seconds(cpu_pid, with_children) - cpu0) if cpu_pid else 0.0
+    cpu = (cpu_s(cpu_pid) - cpu0) if cpu_pid else 0.0
     return Run(w.rps, w.requests, w.p50_ms / 1e3, w.p99_ms / 1e3, cpu, w.errors)
 
 
@@ -174,6 +152,10 @@ SHARED_NOTE = (
 )
 
 
+Setup = tuple[list[str], str, str]
+"""(argv, URL wrk loads, URL that answers once it is ready)."""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", type=int, help=argparse.SUPPRESS)
@@ -189,63 +171,21 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("proxy_overhead: wrk not found; install Debian's `wrk` package", file=sys.stderr)
         return 2
-    py = sys.executable
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     b_ports = [free_port(), free_port()]
-    b_urls = [f"http://127.0.0.1:{p}" for p in b_ports]
     results: dict[str, list[Run]] = {}
     with contextlib.ExitStack() as stack:
         for p in b_ports:
             stack.enter_context(
-                started(pinned(LOAD_CPU, [py, __file__, "--backend", str(p)]), f"http://127.0.0.1:{p}/")
+                started(pinned(LOAD_CPU, [sys.executable, __file__, "--backend", str(p)]), f"http://127.0.0.1:{p}/")
             )
-
-        def lbproxy(policy: str) -> tuple[list[str], str, str]:
-            port, admin = free_port(), free_port()
-            argv = [py, "-m", "lbproxy", "--mode", "serve", "--policy", policy, "--host", "127.0.0.1"]
-            argv += ["--port", str(port), "--admin-port", str(admin), "--backends", ",".join(b_urls)]
-            return argv, f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{admin}/readyz"
-
-        setups: dict[str, tuple[list[str], str, str] | None] = {
-            "direct": None,
-            "lbproxy round_robin": lbproxy("round_robin"),
-            "lbproxy p2c": lbproxy("p2c"),
-            "minimal aiohttp proxy": None,
-            "nginx": None,
-        }
-        mport = free_port()
-        setups["minimal aiohttp proxy"] = (
-            [py, str(REPO / "benchmarks" / "minimal_proxy.py"), str(mport), *b_urls],
-            f"http://127.0.0.1:{mport}/",
-            f"http://127.0.0.1:{mport}/",
-        )
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbproxy-nginx-")))
-        if nginx:
-            nport = free_port()
-            servers = " ".join(f"server 127.0.0.1:{p};" for p in b_ports)
-            (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=nport))
-            setups["nginx"] = (
-                [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
-                f"http://127.0.0.1:{nport}/",
-                f"http://127.0.0.1:{nport}/",
-            )
-        else:
-            del setups["nginx"]
+        setups = make_setups(b_ports, nginx, tmp)
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         names = [n for n in setups if not only or n in only]
         for rnd in range(args.rounds):
             for name in names:
-                spec = setups[name]
-                if spec is None:  # direct: wrk against one backend, CPU of that backend process
-                    url = b_urls[0] + "/"
-                    bpid = _pid_listening(b_ports[0])
-                    wrk(url, 1.0, args.connections, None)
-                    run = wrk(url, args.duration_s, args.connections, bpid)
-                else:
-                    argv, url, ready = spec
-                    with started(pinned(PROXY_CPU, argv), ready) as proc:
-                        wrk(url, 1.0, args.connections, None)  # warm-up: connections, caches, JIT-free paths
-                        run = wrk(url, args.duration_s, args.connections, proc.pid, with_children=name == "nginx")
+                run = measure_setup(setups[name], b_ports[0], args)
                 results.setdefault(name, []).append(run)
                 print(
                     f"round {rnd + 1} {name:<22} {run.rps:>9.0f} req/s  p50 {run.p50_s * 1e3:6.2f} ms  "
@@ -257,6 +197,53 @@ def main() -> int:
     if not args.no_write:
         write_results(table, args, nginx is not None)
     return 0
+
+
+def make_setups(b_ports: list[int], nginx: str | None, tmp: Path) -> dict[str, Setup | None]:
+    """Every setup in table order; None is `direct` (wrk against the first backend); nginx only if installed
+    (its config written to `tmp`)."""
+    py = sys.executable
+    b_urls = [f"http://127.0.0.1:{p}" for p in b_ports]
+
+    def lbproxy(policy: str) -> Setup:
+        port, admin = free_port(), free_port()
+        argv = [py, "-m", "lbproxy", "--mode", "serve", "--policy", policy, "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--admin-port", str(admin), "--backends", ",".join(b_urls)]
+        return argv, f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{admin}/readyz"
+
+    mport = free_port()
+    setups: dict[str, Setup | None] = {
+        "direct": None,
+        "lbproxy round_robin": lbproxy("round_robin"),
+        "lbproxy p2c": lbproxy("p2c"),
+        "minimal aiohttp proxy": (
+            [py, str(REPO / "benchmarks" / "minimal_proxy.py"), str(mport), *b_urls],
+            f"http://127.0.0.1:{mport}/",
+            f"http://127.0.0.1:{mport}/",
+        ),
+    }
+    if nginx:
+        nport = free_port()
+        servers = " ".join(f"server 127.0.0.1:{p};" for p in b_ports)
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=nport))
+        setups["nginx"] = (
+            [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
+            f"http://127.0.0.1:{nport}/",
+            f"http://127.0.0.1:{nport}/",
+        )
+    return setups
+
+
+def measure_setup(spec: Setup | None, direct_port: int, args: argparse.Namespace) -> Run:
+    """One measured wrk run (after a 1 s warm-up) through a freshly started setup, or `direct`."""
+    if spec is None:  # direct: wrk against one backend, CPU of that backend process
+        url = f"http://127.0.0.1:{direct_port}/"
+        wrk(url, 1.0, args.connections, None)
+        return wrk(url, args.duration_s, args.connections, _pid_listening(direct_port))
+    argv, url, ready = spec
+    with started(pinned(PROXY_CPU, argv), ready) as proc:
+        wrk(url, 1.0, args.connections, None)  # warm-up: connections, caches, JIT-free paths
+        return wrk(url, args.duration_s, args.connections, proc.pid)
 
 
 def _pid_listening(port: int) -> int | None:
@@ -308,7 +295,7 @@ def write_results(table: str, args: argparse.Namespace, have_nginx: bool) -> Non
     wrk_ver = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
     text = (
         "# Proxy overhead (wrk, loopback)\n\n"
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n"
+        f"- date: {utc_now()}\n"
         f"- machine: {machine()}\n"
         f"- wrk: {' '.join(wrk_ver)}; nginx: {'yes' if have_nginx else 'not installed'}\n"
         f"- command: `.venv/bin/python benchmarks/proxy_overhead.py --duration-s {args.duration_s:g} "

@@ -124,28 +124,11 @@ def micro_costs_us() -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--decisions", type=int, default=200_000, help="decisions per measured run")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
-    ap.add_argument("--note", default="", help="free text added to the results (e.g. machine load)")
-    args = ap.parse_args(argv)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as the target says
+Row = tuple[str, str, float, float, float]
+"""(scenario, policy, req/s with record=True, req/s with record=False, mean latency ms)."""
 
-    rows: list[tuple[str, str, float, float, float]] = []
-    print(f"{'scenario':<14} {'policy':<12} {'record=True':>14} {'record=False':>14} {'mean latency':>13}")
-    for scenario in SCENARIOS:
-        for name, factory in policy_factories():
-            on, lat_ms = measure(scenario, factory, args.decisions, True, args.repeats)
-            off, _ = measure(scenario, factory, args.decisions, False, args.repeats)
-            rows.append((scenario, name, on, off, lat_ms))
-            print(f"{scenario:<14} {name:<12} {on:>10,.0f} r/s {off:>10,.0f} r/s {lat_ms:>10,.1f} ms", flush=True)
-    micro = micro_costs_us()
-    for k, v in micro.items():
-        print(f"{k}: {v:.3f} µs")
 
+def report(args: argparse.Namespace, rows: list[Row], micro: dict[str, float]) -> list[str]:
     heuristic = [r for r in rows if r[1] not in ("cycle", "sed_oracle")]
     lines = [
         "# Simulator throughput (simulated requests per second, one core)",
@@ -194,6 +177,32 @@ def main(argv: list[str] | None = None) -> int:
             f"({best[1]}, {best[0]}); target {'met' if worst[2] >= TARGET_RPS else 'NOT met'} by the slowest."
         )
         lines.append("")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--decisions", type=int, default=200_000, help="decisions per measured run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
+    ap.add_argument("--note", default="", help="free text added to the results (e.g. machine load)")
+    args = ap.parse_args(argv)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as the target says
+
+    rows: list[Row] = []
+    print(f"{'scenario':<14} {'policy':<12} {'record=True':>14} {'record=False':>14} {'mean latency':>13}")
+    for scenario in SCENARIOS:
+        for name, factory in policy_factories():
+            on, lat_ms = measure(scenario, factory, args.decisions, True, args.repeats)
+            off, _ = measure(scenario, factory, args.decisions, False, args.repeats)
+            rows.append((scenario, name, on, off, lat_ms))
+            print(f"{scenario:<14} {name:<12} {on:>10,.0f} r/s {off:>10,.0f} r/s {lat_ms:>10,.1f} ms", flush=True)
+    micro = micro_costs_us()
+    for k, v in micro.items():
+        print(f"{k}: {v:.3f} µs")
+
+    lines = report(args, rows, micro)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")

@@ -18,7 +18,7 @@ CPU per request within 10 % of one worker's.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import functools
 import os
 import resource
 import shutil
@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,8 +34,20 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from common import CONNECTIONS, TASKSET, WRK, command, machine, pinned, run_wrk, write_result  # noqa: E402
-from dqn_proxy import bootstrap_median_interval, cpu_s, start_backend  # noqa: E402
+from common import (  # noqa: E402
+    CONNECTIONS,
+    TASKSET,
+    WRK,
+    bootstrap_median_interval,
+    command,
+    cpu_s,
+    machine,
+    pinned,
+    run_wrk,
+    utc_now,
+    write_result,
+)
+from dqn_proxy import start_backend  # noqa: E402
 from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
 
 from lbproxy.config import usable_cpus  # noqa: E402
@@ -73,6 +86,30 @@ def children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which CPUs each proxy (by worker count) and the load side (wrk, backends) run on."""
+
+    counts: list[int]
+    cpus: list[int]
+
+    @property
+    def widest(self) -> int:
+        return max(self.counts)
+
+    @property
+    def load_cpus(self) -> list[int]:
+        return self.cpus[self.widest :] or self.cpus[-1:]
+
+    @property
+    def shared(self) -> bool:
+        """No CPU left over for the load side: it shares the last one with a worker."""
+        return not self.cpus[self.widest :]
+
+    def proxy_cpus(self, n: int) -> list[int]:
+        return self.cpus[:n]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", default="1,2", help="worker counts, comma-separated; the first is the baseline")
@@ -86,41 +123,31 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which(WRK) is None:
         print("workers: wrk not found; install Debian's `wrk` package", file=sys.stderr)
         return 2
-    counts = [int(x) for x in args.workers.split(",") if x.strip()]
-    cpus = sorted(os.sched_getaffinity(0))
-    widest = max(counts)
-    load_cpus = cpus[widest:] or cpus[-1:]
-    shared = not cpus[widest:]
-    proxy_cpus = {n: cpus[:n] for n in counts}
-    results: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    layout = Layout([int(x) for x in args.workers.split(",") if x.strip()], sorted(os.sched_getaffinity(0)))
+    results = run_rounds(args, layout)
+    lines = table_lines(results, layout)
+    print("\n".join(lines))
+    write_result(args.out, [t for t in report(args, argv, layout, results, lines) if t is not None])
+    return 0
+
+
+def run_rounds(args: argparse.Namespace, layout: Layout) -> dict[int, list[dict[str, float]]]:
+    """One proxy per worker count, started once; `--rounds` interleaved rounds of one wrk run each."""
+    load = cpu_set(layout.load_cpus)
+    results: dict[int, list[dict[str, float]]] = {n: [] for n in layout.counts}
     backends = [start_backend("b1"), start_backend("b2")]  # pinned to CPU 1 (dqn_proxy.start_backend) ...
     proxies: dict[int, Proc] = {}
     try:
         for b in backends:  # ... and to the load CPUs here
             if TASKSET is not None:
-                subprocess.run([TASKSET, "-a", "-p", "-c", cpu_set(load_cpus), str(b.popen.pid)], capture_output=True)
+                subprocess.run([TASKSET, "-a", "-p", "-c", load, str(b.popen.pid)], capture_output=True)
         urls = [b.url for b in backends]
-        for n in counts:
-            proxies[n] = start_proxy(urls, n, proxy_cpus[n])
-            run_wrk(proxies[n].url + "/api/light", 1, args.connections, cpu_set(load_cpus), args.wrk_threads)
+        for n in layout.counts:
+            proxies[n] = start_proxy(urls, n, layout.proxy_cpus(n))
+            run_wrk(proxies[n].url + "/api/light", 1, args.connections, load, args.wrk_threads)
         for rnd in range(args.rounds):
             for n, proxy in proxies.items():
-                c0, b0, w0, m0, t0 = (
-                    cpu_s(proxy.popen.pid),
-                    sum(cpu_s(b.popen.pid) for b in backends),
-                    children_cpu_s(),
-                    machine_busy_s(),
-                    time.monotonic(),
-                )
-                r = run_wrk(
-                    proxy.url + "/api/light", args.duration, args.connections, cpu_set(load_cpus), args.wrk_threads
-                )
-                wall = time.monotonic() - t0
-                row = r.as_dict()
-                row["cpu_us_per_req"] = (cpu_s(proxy.popen.pid) - c0) * 1e6 / max(1, r.requests)
-                row["proxy_cores"] = (cpu_s(proxy.popen.pid) - c0) / wall
-                row["load_cores"] = (sum(cpu_s(b.popen.pid) for b in backends) - b0 + children_cpu_s() - w0) / wall
-                row["other_cores"] = max(0.0, (machine_busy_s() - m0) / wall - row["proxy_cores"] - row["load_cores"])
+                row = measure_round(args, proxy, backends, load)
                 results[n].append(row)
                 print(
                     f"round {rnd + 1} workers {n}: {row['rps']:.0f} req/s, {row['cpu_us_per_req']:.1f} µs CPU/req, "
@@ -134,10 +161,39 @@ def main(argv: list[str] | None = None) -> int:
             p.stop()
             if p.popen.stdout is not None:
                 p.popen.stdout.close()
+    return results
+
+
+def measure_round(args: argparse.Namespace, proxy: Proc, backends: list[Proc], load_cpus: str) -> dict[str, float]:
+    """One wrk run through `proxy`: wrk's figures, the proxy's CPU per request, and the cores busy on each side."""
+    c0, b0, w0, m0, t0 = (
+        cpu_s(proxy.popen.pid),
+        sum(cpu_s(b.popen.pid) for b in backends),
+        children_cpu_s(),
+        machine_busy_s(),
+        time.monotonic(),
+    )
+    r = run_wrk(proxy.url + "/api/light", args.duration, args.connections, load_cpus, args.wrk_threads)
+    wall = time.monotonic() - t0
+    row = r.as_dict()
+    row["cpu_us_per_req"] = (cpu_s(proxy.popen.pid) - c0) * 1e6 / max(1, r.requests)
+    row["proxy_cores"] = (cpu_s(proxy.popen.pid) - c0) / wall
+    row["load_cores"] = (sum(cpu_s(b.popen.pid) for b in backends) - b0 + children_cpu_s() - w0) / wall
+    row["other_cores"] = max(0.0, (machine_busy_s() - m0) / wall - row["proxy_cores"] - row["load_cores"])
+    return row
+
+
+def median_of(results: dict[int, list[dict[str, float]]], n: int, key: str) -> float:
+    """The median over rounds of one figure of the proxy with n workers."""
+    return statistics.median(r[key] for r in results[n])
+
+
+def table_lines(results: dict[int, list[dict[str, float]]], layout: Layout) -> list[str]:
+    """Medians per worker count against the first, and the per-round ratios with their intervals."""
+    counts = layout.counts
     base = counts[0]
 
-    def med(n: int, key: str) -> float:
-        return statistics.median(r[key] for r in results[n])
+    med = functools.partial(median_of, results)
 
     lines = [
         f"| workers | proxy CPUs | req/s (median) | vs {base} | CPU µs/req | vs {base} | proxy cores busy "
@@ -146,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for n in counts:
         lines.append(
-            f"| {n} | {cpu_set(proxy_cpus[n])} | {med(n, 'rps'):.0f} | {med(n, 'rps') / med(base, 'rps'):.3f} "
+            f"| {n} | {cpu_set(layout.proxy_cpus(n))} | {med(n, 'rps'):.0f} | {med(n, 'rps') / med(base, 'rps'):.3f} "
             f"| {med(n, 'cpu_us_per_req'):.1f} | {med(n, 'cpu_us_per_req') / med(base, 'cpu_us_per_req'):.3f} "
             f"| {med(n, 'proxy_cores'):.2f} | {med(n, 'load_cores'):.2f} | {med(n, 'other_cores'):.2f} "
             f"| {med(n, 'p50_ms'):.2f} "
@@ -165,8 +221,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"- {what} {n} / {base} workers per round: {', '.join(f'{x:.3f}' for x in xs)} (median "
                 f"{statistics.median(xs):.3f}, 90 % bootstrap interval of the median {lo:.3f}-{hi:.3f}; {target})"
             )
-    print("\n".join(lines))
-    total = len(cpus)
+    return lines
+
+
+def report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    layout: Layout,
+    results: dict[int, list[dict[str, float]]],
+    lines: list[str],
+) -> list[str | None]:
+    counts, widest, load_cpus, shared = layout.counts, layout.widest, layout.load_cpus, layout.shared
+
+    med = functools.partial(median_of, results)
+
+    total = len(layout.cpus)
     busy = {n: (med(n, "proxy_cores"), med(n, "load_cores"), med(n, "other_cores")) for n in counts}
     measured = " ".join(
         f"With {n} worker(s) the machine was busy {sum(busy[n]):.2f} of {total} cores (proxy {busy[n][0]:.2f}, "
@@ -184,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         "to itself; a busy-cores figure near its CPU count (or wrk's threads) means the load, not the proxy, "
         "was the limit."
     )
-    text = [
+    return [
         "# Proxy workers: --workers N side by side (same run)",
         "",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_now()}",
         f"- machine: {machine()}; CPUs this process may use: {usable_cpus()}",
         f"- command: `{command(argv)}`",
         f"- load: wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration}s --latency on /api/light, "
@@ -211,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         "",
         measured,
     ]
-    write_result(args.out, [t for t in text if t is not None])
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from loadgen.open_loop import poisson_schedule
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from foreign_cluster import start_foreign_cluster
-from live_foreign import measure, pinned_self, policy_configs
+from live_compare import measure, pinned_self, policy_configs
 
 OUR_HEADERS = ("X-Backend", "X-Utilization", "X-Service-Time", "X-Queue-Wait")
 """What backends/app.py tells the proxy and an ordinary web app does not."""

@@ -15,8 +15,9 @@ from loadgen.open_loop import poisson_schedule
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from foreign_cluster import start_foreign_cluster
-from live_foreign import measure, pinned_self
-from live_train_foreign import FALLBACK, series, slice_summary, train
+from live_compare import measure, pinned_self
+from live_train_tables import series, slice_summary
+from live_training import FALLBACK, train
 
 needs_gunicorn = pytest.mark.skipif(
     importlib.util.find_spec("gunicorn") is None, reason="gunicorn is not installed (it is in the dev extra)"

@@ -18,8 +18,8 @@ import pytest
 from support import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from live_foreign import policy_configs
-from reliability import FAST_ANSWER_MS, Plan, ReliabilityRun, run_reliability
+from live_compare import policy_configs
+from reliability_run import FAST_ANSWER_MS, Plan, ReliabilityRun, run_reliability
 
 from lbproxy.config import Settings
 

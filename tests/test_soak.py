@@ -15,8 +15,9 @@ import pytest
 from support import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from fault_harness import TASKS_METRIC
-from soak import Rule, SoakConfig, SoakRun, run_soak, verdict
+from proxy_process import TASKS_METRIC
+from soak_run import SoakConfig, SoakRun, run_soak
+from soak_verdict import Rule, verdict
 
 pytestmark = pytest.mark.slow
 
