@@ -50,7 +50,7 @@ from common import (  # noqa: E402
 from dqn_proxy import start_backend  # noqa: E402
 from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
 
-from lbproxy.config import usable_cpus  # noqa: E402
+from lbproxy.config_values import usable_cpus  # noqa: E402
 
 
 def cpu_set(cpus: list[int]) -> str:

@@ -22,7 +22,6 @@ from pydantic_settings import (
 )
 
 from lbproxy.config_values import BackendList, BackendSpec, Percent, Port, WorkerCount
-from lbproxy.config_values import usable_cpus as usable_cpus  # re-exported: benchmarks/workers.py imports it here
 from lbproxy.observe import ERROR_PENALTY
 from lbproxy.outlier import (
     LATENCY_EJECT_COMPLETIONS,
