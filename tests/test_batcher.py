@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lbproxy.observe import F_LOG_IN_FLIGHT, F_VALID, ROW_FEATURES, feature_dim
-from lbproxy.rl.batcher import InferenceEngine, _CudaRunner
+from lbproxy.rl.batcher import InferenceEngine
+from lbproxy.rl.cuda_runner import CudaRunner
 from lbproxy.rl.network import QNetwork, RowScorer
 
 WIDTH = 16
@@ -114,7 +115,7 @@ def test_device_runner_layout_on_cpu() -> None:
     """The GPU runner's buffers, buckets, padding and output offsets, run eagerly on CPU tensors, for
     every bucket size and a partial bucket, and its in-place weight load."""
     net = make_net(25)
-    runner = _CudaRunner(net, WIDTH, 16, torch.device("cpu"))
+    runner = CudaRunner(net, WIDTH, 16, torch.device("cpu"))
     assert runner.buckets == [1, 2, 4, 8, 16] and not runner.graphs
     for k in (1, 3, 4, 5, 11, 16):
         states = random_states(k, seed=40 + k)

@@ -37,16 +37,16 @@ so it is not a replica-selection rule and has no place in a Policy.
 from __future__ import annotations
 
 import math
-import random
 
 from lbproxy.observe import ClusterView, Outcome
+from lbproxy.policies.base import SeededPolicy
 from lbproxy.policy import NoBackendAvailable
 
 CLIENTS = 1
 """n in q_s = 1 + os_s * n + qbar_s: the proxy knows of no other client of its backends."""
 
 
-class C3:
+class C3(SeededPolicy):
     """argmin over candidates of R - s + (1 + in_flight * n) ** 3 * s, uniform random tie-break."""
 
     name = "c3"
@@ -54,9 +54,8 @@ class C3:
     def __init__(self, seed: int = 0, clients: int = CLIENTS) -> None:
         if clients < 1:
             raise ValueError(f"clients must be >= 1, got {clients}")
+        super().__init__(seed)
         self.clients = clients
-        self.rng = random.Random(seed)
-        self._random = self.rng.random
 
     def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
         cands = view.candidates

@@ -264,6 +264,27 @@ def _guardrail(settings: Settings, metrics: Metrics | None) -> Guardrail | None:
     return Guardrail(control_share=settings.control_share, seed=settings.seed, on_switch=switched)
 
 
+def _engine(
+    engine_cls: type[InferenceEngine],
+    settings: Settings,
+    width: int,
+    device: torch.device,
+    metrics: Metrics | None,
+) -> tuple[InferenceEngine, BatchedHistogram | None]:
+    """The inference engine, and the batch-size histogram it feeds (None without metrics)."""
+    # Counted locally and flushed with the gauges: a Prometheus observe per pass costs ~1 µs.
+    batch_sizes = BatchedHistogram(metrics.batch_size) if metrics is not None else None
+    on_batch = batch_sizes.observe if batch_sizes is not None else None
+    engine = engine_cls(
+        width,
+        max_batch=settings.max_batch,
+        device=device,
+        deadline_s=settings.decision_deadline_us * 1e-6,
+        on_batch=on_batch,
+    )
+    return engine, batch_sizes
+
+
 def create_dqn_runtime(
     settings: Settings,
     view: ClusterView | None = None,
@@ -290,13 +311,7 @@ def create_dqn_runtime(
     device, infer_device = _devices(settings)
     if net is None and not is_train:  # --online learns on from the served model
         net = load_serving_model(settings)
-    # Counted locally and flushed with the gauges: a Prometheus observe per pass costs ~1 µs.
-    batch_sizes = BatchedHistogram(metrics.batch_size) if metrics is not None else None
-    on_batch = batch_sizes.observe if batch_sizes is not None else None
-    deadline_s = settings.decision_deadline_us * 1e-6
-    engine = engine_cls(
-        width, max_batch=settings.max_batch, device=infer_device, deadline_s=deadline_s, on_batch=on_batch
-    )
+    engine, batch_sizes = _engine(engine_cls, settings, width, infer_device, metrics)
     learner = join = schedule = None
     if learning:
         learner = _learner(settings, engine, width, device, net, learner_state)

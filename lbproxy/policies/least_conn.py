@@ -8,16 +8,16 @@ spreads load evenly across equal backends.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
 from lbproxy.observe import ClusterView, Outcome
+from lbproxy.policies.base import SeededPolicy
 from lbproxy.policy import NoBackendAvailable
 
 
-class LeastConn:
+class LeastConn(SeededPolicy):
     """argmin over candidates of in_flight / capacity, uniform random tie-break.
 
     With equal capacities (the usual live case: no weights configured) the scan runs in C: an
@@ -30,8 +30,7 @@ class LeastConn:
     name = "least_conn"
 
     def __init__(self, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
-        self._random = self.rng.random
+        super().__init__(seed)
         self._candidates: list[int] | None = None
         self._capacity: list[float] | None = None
         self._gather: Callable[[list[int]], Any] | None = None  # None: unequal capacities, use the scan
@@ -49,7 +48,7 @@ class LeastConn:
             self._resync(view)
         gather = self._gather
         if gather is not None:
-            loads = gather(view.in_flight)
+            loads: tuple[int, ...] = gather(view.in_flight)
             least = min(loads)
             ties = loads.count(least)
             pos = loads.index(least)

@@ -8,34 +8,28 @@ default) multiplied by its pending requests plus one. The estimate itself lives 
 measured, linkerd2-proxy's default), so the proxy, the simulator and the DQN's features agree; this
 policy only reads it, decayed to `now_s` as tower does when it reads the load.
 
-Sampling is the same as `p2c` (two distinct uniform positions in `candidates`).
+Sampling is the same as `p2c` (two distinct uniform positions in `candidates`), written out here too:
+p2c.py says why.
 """
 
 from __future__ import annotations
 
 import math
-import random
 
 from lbproxy.observe import PEAK_EWMA_TAU_S, ClusterView, Outcome
-from lbproxy.policy import NoBackendAvailable
+from lbproxy.policies.base import SeededPolicy, sole_candidate
 
 
-class PeakEwma:
+class PeakEwma(SeededPolicy):
     """Better of two distinct random candidates by decayed_cost(i) * (in_flight[i] + 1)."""
 
     name = "peak_ewma"
-
-    def __init__(self, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
-        self._random = self.rng.random
 
     def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
         cands = view.candidates
         k = len(cands)
         if k <= 1:
-            if k == 0:
-                raise NoBackendAvailable("no backend is available")
-            return cands[0]
+            return sole_candidate(cands)
         r = self._random
         a = int(r() * k)
         b = int(r() * (k - 1))

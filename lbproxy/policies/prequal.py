@@ -42,13 +42,12 @@ pool, ~0.7 µs at 4 backends, ~1.7 µs at 16, ~3.6 µs at 64 (least_conn in the 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policy import NoBackendAvailable
+from lbproxy.policies.base import SeededPolicy, sole_candidate
 
 Q_RIF = 0.84
 """Quantile of the RIF distribution above which a backend is hot: the paper's default."""
@@ -57,7 +56,7 @@ POOL_SIZE = 16
 """Most candidates one decision ranks: the paper's maximum probe-pool size."""
 
 
-class Prequal:
+class Prequal(SeededPolicy):
     """HCL over a pool of candidates: the lowest-latency cold one, else (all hot) the lowest RIF."""
 
     name = "prequal"
@@ -67,10 +66,9 @@ class Prequal:
             raise ValueError(f"q_rif must be in [0, 1], got {q_rif}")
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        super().__init__(seed)
         self.q_rif = q_rif
         self.pool_size = pool_size
-        self.rng = random.Random(seed)
-        self._random = self.rng.random
         self._candidates: list[int] | None = None
         self._gather: Callable[[list[int]], Any] = itemgetter(0)
         self._rank = 0
@@ -90,9 +88,7 @@ class Prequal:
         cands = view.candidates
         k = len(cands)
         if k <= 1:
-            if k == 0:
-                raise NoBackendAvailable("no backend is available")
-            return cands[0]
+            return sole_candidate(cands)
         if cands is not self._candidates:
             self._resync(cands)
         in_flight = view.in_flight

@@ -12,9 +12,9 @@ oracle `observe.sed_choices`, which makes this heuristic the reference the DQN i
 from __future__ import annotations
 
 import math
-import random
 
 from lbproxy.observe import ClusterView, Outcome
+from lbproxy.policies.base import SeededPolicy
 from lbproxy.policy import NoBackendAvailable
 
 _TIE_REL = 1e-9
@@ -23,14 +23,10 @@ _LO = 1 - _TIE_REL
 _HI = 1 + _TIE_REL
 
 
-class ShortestExpectedDelay:
+class ShortestExpectedDelay(SeededPolicy):
     """argmin over candidates of (in_flight + 1) / class_rate, uniform random tie-break."""
 
     name = "sed"
-
-    def __init__(self, seed: int = 0) -> None:
-        self.rng = random.Random(seed)
-        self._random = self.rng.random
 
     def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
         cands = view.candidates

@@ -16,10 +16,10 @@ Two ways to answer, chosen by device:
   states (what the dqn policy sends: one snapshot per loop iteration and request class, a few states
   for its dispatch lookahead) and is answered with their Q-values. While one pass runs in the device
   thread, new blocks queue; when it returns, everything queued (up to `max_batch` states) goes into
-  the next pass. CUDA: pinned host buffers, ONE host-to-device copy, ONE device-to-host copy, a CUDA
-  graph per power-of-two batch bucket. The pass (and its stream sync) runs in a dedicated thread, so
-  the loop never blocks on the device; new weights are copied in place into the parameters the
-  captured graphs read.
+  the next pass. CUDA (rl/cuda_runner.py): pinned host buffers, ONE host-to-device copy, ONE
+  device-to-host copy, a CUDA graph per power-of-two batch bucket. The pass (and its stream sync)
+  runs in a dedicated thread, so the loop never blocks on the device; new weights are copied in
+  place into the parameters the captured graphs read.
 
 Weights reach the engine through :meth:`publish`: the learner thread prepares a new immutable
 weight set (:meth:`prepare`), and the loop swaps one reference (atomic under the GIL).
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lbproxy.observe import feature_dim
+from lbproxy.rl.cuda_runner import CudaRunner
 from lbproxy.rl.network import NumpyWeights, QNetwork, RowScorer, numpy_q, row_scores
 
 Backend = Literal["numpy", "thread", "cuda"]
@@ -80,103 +81,6 @@ def limit_blas_threads(n: int = 1) -> bool:
     return done
 
 
-class _CudaRunner:
-    """The GPU pass: pinned buffers, one copy each way, a CUDA graph per power-of-two bucket.
-
-    Only ever called from the engine's single worker thread, so the graphs, buffers and the in-place
-    weight copies are serialised on one CUDA stream without locks. On a CPU device it runs the same
-    buffers and offsets eagerly, unpinned and without a stream, so CI tests the layout; the CUDA parts
-    (pinning, streams, graphs) are covered by tests/test_batcher.py::test_cuda_* where a GPU exists.
-    """
-
-    def __init__(
-        self, net: QNetwork, width: int, max_batch: int, device: torch.device, use_graphs: bool = True
-    ) -> None:
-        self.device = device
-        self.width = width
-        self.obs_dim = feature_dim(width)
-        self.net = net.to(device).eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-        self.buckets = [1 << i for i in range(max(0, max_batch - 1).bit_length() + 1)]  # 1, 2, 4, ... >= max_batch
-        top = self.buckets[-1]
-        gpu = device.type == "cuda"
-        self.host_in = torch.zeros((top, self.obs_dim), dtype=torch.float32)
-        self.host_out = torch.zeros((top, width), dtype=torch.float32)
-        if gpu:
-            self.host_in, self.host_out = self.host_in.pin_memory(), self.host_out.pin_memory()
-        self.dev_in = torch.zeros((top, self.obs_dim), dtype=torch.float32, device=device)
-        self.dev_out = torch.zeros((top, width), dtype=torch.float32, device=device)
-        self.stream = torch.cuda.Stream(device=device) if gpu else None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if use_graphs and gpu:
-            self._capture()
-
-    def _step(self, b: int) -> None:
-        self.dev_out[:b].copy_(self.net(self.dev_in[:b]))
-
-    def _sync(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-
-    def _capture(self) -> None:
-        assert self.stream is not None
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # buffers were zeroed on the default stream
-        with torch.cuda.stream(self.stream), torch.no_grad():
-            for b in self.buckets:  # warm-up on the side stream, as torch.cuda.graphs docs require
-                for _ in range(3):
-                    self._step(b)
-            self.stream.synchronize()
-            for b in self.buckets:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=self.stream):
-                    self._step(b)
-                self.graphs[b] = g
-        self.stream.synchronize()
-
-    def bucket(self, k: int) -> int:
-        for b in self.buckets:
-            if b >= k:
-                return b
-        return self.buckets[-1]
-
-    @property
-    def staging(self) -> np.ndarray:
-        """The pinned input buffer as NumPy: the engine writes batch rows straight into it (safe: passes
-        never overlap, the next batch is staged after this one returns)."""
-        return self.host_in.numpy()
-
-    def run(self, states: np.ndarray) -> np.ndarray:
-        """Stage a batch into pinned memory, then `run_staged`."""
-        self.staging[: states.shape[0]] = states
-        return self.run_staged(states.shape[0])
-
-    def run_staged(self, k: int) -> np.ndarray:
-        """The device pass over the first k staged states: one copy in, graph replay, one copy out."""
-        b = self.bucket(k)
-        if b > k:
-            self.host_in.numpy()[k:b] = 0.0  # padding states: all rows invalid; their answers are ignored
-        with torch.cuda.stream(self.stream), torch.no_grad():
-            self.dev_in[:b].copy_(self.host_in[:b], non_blocking=True)
-            g = self.graphs.get(b)
-            if g is not None:
-                g.replay()
-            else:
-                self._step(b)
-            self.host_out[:k].copy_(self.dev_out[:k], non_blocking=True)
-            self._sync()  # in the worker thread, never on the event loop
-        return self.host_out.numpy()[:k].copy()
-
-    def load(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copy new weights IN PLACE: the captured graphs keep reading the same parameter storage."""
-        with torch.cuda.stream(self.stream), torch.no_grad():
-            params = dict(self.net.named_parameters())
-            for name, value in state_dict.items():
-                if name in params:
-                    params[name].copy_(value, non_blocking=True)
-            self._sync()
-
-
 class InferenceEngine:
     """Backend scores over the current Q-network weights: inline passes on the loop (`inline_pass`,
     `score`), or continuously batched Q-value passes in a device thread (`submit_q`).
@@ -208,7 +112,7 @@ class InferenceEngine:
         self.passes = 0
         self.decisions = 0
         self._weights: NumpyWeights | None = None
-        self._cuda: _CudaRunner | None = None
+        self._cuda: CudaRunner | None = None
         self._queue: list[_Entry] = []
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -245,7 +149,7 @@ class InferenceEngine:
             self._ensure_executor()
             assert self._executor is not None
             self._cuda = self._executor.submit(
-                _CudaRunner, clone, self.width, self.max_batch, self.device, self.use_graphs
+                CudaRunner, clone, self.width, self.max_batch, self.device, self.use_graphs
             ).result()
             self._version += 1
         else:

@@ -72,8 +72,8 @@ class QNetwork(nn.Module):
         u = torch.relu(self.cluster(torch.cat([pooled, ctx[:, :STATIC_CONTEXT]], dim=1)))  # (B, S)
         h = torch.relu(self.row_x(rows) + self.row_u(u).unsqueeze(1))
         h = torch.relu(self.row2(h))
-        adv = self.score(h).squeeze(-1)  # (B, W)
-        v = self.value2(torch.relu(self.value1(torch.cat([u, ctx[:, STATIC_CONTEXT:]], dim=1))))  # (B, 1)
+        adv: torch.Tensor = self.score(h).squeeze(-1)  # (B, W)
+        v: torch.Tensor = self.value2(torch.relu(self.value1(torch.cat([u, ctx[:, STATIC_CONTEXT:]], dim=1))))  # (B, 1)
         return v + adv
 
     def arch(self) -> dict[str, int | str]:
@@ -146,7 +146,7 @@ def cluster_summary(w: NumpyWeights, rows: np.ndarray, ctx: np.ndarray) -> np.nd
     pooled[:s] *= 1.0 / max(1.0, float(np.add.reduce(rows[:, F_VALID])))
     np.maximum.reduce(z, axis=0, out=pooled[s : 2 * s])
     pooled[2 * s :] = ctx[:STATIC_CONTEXT]
-    u = pooled @ w.wc
+    u: np.ndarray = pooled @ w.wc
     u += w.bc
     np.maximum(u, 0.0, out=u)
     return u
@@ -160,7 +160,7 @@ def row_scores(w: NumpyWeights, rows: np.ndarray, bias: np.ndarray) -> np.ndarra
     h2 = h @ w.w2
     h2 += w.b2
     np.maximum(h2, 0.0, out=h2)
-    a = h2 @ w.wo
+    a: np.ndarray = h2 @ w.wo
     a += w.bo
     return a
 
