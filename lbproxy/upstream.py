@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from lbproxy.config import BackendSpec, ConfigError
+from lbproxy.config import ConfigError
+from lbproxy.config_values import BackendSpec
 from lbproxy.observe import MAX_BACKENDS, ClusterView, Outcome
 from lbproxy.outlier import OutlierConfig, OutlierDetector, SlowStart, route_candidates
 from lbproxy.retry import PER_TRY_TIMEOUT_S, RETRY_BUDGET_PERCENT, RETRY_MIN_CONCURRENCY

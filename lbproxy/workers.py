@@ -234,7 +234,7 @@ class Supervisor:
                 self._kill(w, "closed its control socket but did not exit")
                 break
             await asyncio.sleep(0.02)
-        multiprocess.mark_process_dead(w.pid, str(self.metrics_dir))  # its live-gauge values go
+        multiprocess.mark_process_dead(w.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]  # its live-gauge values go
 
     @staticmethod
     def _kill(w: Worker, why: str) -> None:

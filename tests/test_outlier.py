@@ -9,7 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lbproxy.config import BackendSpec, load_settings
+from lbproxy.config import load_settings
+from lbproxy.config_values import BackendSpec
 from lbproxy.observe import ClusterView, Outcome, action_mask
 from lbproxy.outlier import (
     MAX_EJECTION_S,

@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 from support import LOOPBACK, free_port, running, start_backend
 
-from lbproxy.config import BackendSpec, ConfigError
+from lbproxy.config import ConfigError
+from lbproxy.config_values import BackendSpec
 from lbproxy.observe import MAX_BACKENDS, Outcome
 from lbproxy.upstream import Pool, PoolConfig
 

@@ -31,7 +31,8 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from lbproxy.config import BackendSpec, ConfigError, Settings
+from lbproxy.config import ConfigError, Settings
+from lbproxy.config_values import BackendSpec
 
 if TYPE_CHECKING:
     from lbproxy.proxy.app import ProxyServer
