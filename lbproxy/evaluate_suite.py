@@ -216,15 +216,7 @@ def run_suite(settings: Settings) -> int:
         (sc, str(model), episodes, settings.episode_decisions, settings.seed, settings.error_penalty)
         for sc in scenarios
     ]
-    rows: list[ClusterRow] = []
-    last = 0.0
-    with ProcessPoolExecutor(jobs) if jobs > 1 else _Inline() as pool:
-        for row in pool.map(_evaluate_cluster, tasks):
-            rows.append(row)
-            if time.perf_counter() - last > 5.0 or len(rows) == len(tasks):
-                last = time.perf_counter()
-                med = float(np.median([r.prod_ratio for r in rows]))
-                print(f"  {len(rows)}/{len(tasks)} clusters, median p99 ratio so far {med:.3f}", file=sys.stderr)
+    rows = _evaluate_clusters(tasks, jobs)
     agg = summarise(rows)
     header = {
         "suite": settings.suite,
@@ -252,6 +244,20 @@ def run_suite(settings: Settings) -> int:
     print("\n".join(report.splitlines()[:18]))
     print(f"lbproxy: wrote {out / 'suite.md'}, suite.json and suite_ratios.png", file=sys.stderr)
     return 0
+
+
+def _evaluate_clusters(tasks: list[tuple[Any, str, int, int, int, float]], jobs: int) -> list[ClusterRow]:
+    """Every cluster's row, in suite order, over `jobs` processes; progress on stderr every 5 s."""
+    rows: list[ClusterRow] = []
+    last = 0.0
+    with ProcessPoolExecutor(jobs) if jobs > 1 else _Inline() as pool:
+        for row in pool.map(_evaluate_cluster, tasks):
+            rows.append(row)
+            if time.perf_counter() - last > 5.0 or len(rows) == len(tasks):
+                last = time.perf_counter()
+                med = float(np.median([r.prod_ratio for r in rows]))
+                print(f"  {len(rows)}/{len(tasks)} clusters, median p99 ratio so far {med:.3f}", file=sys.stderr)
+    return rows
 
 
 class _Inline:

@@ -20,10 +20,8 @@
 
 One episode is the episode that training and evaluation run (`lbproxy.sim.episode.run_episode`): a
 fresh Simulator, WARMUP_DECISIONS requests routed by the SED oracle, then `episode_decisions` routed
-by the agent, one step each. Simulator.run drives its policy (it calls `choose` for every arrival),
-so the run happens in a helper thread whose policy hands each decision to `step`'s caller and waits
-for the action: the two threads strictly take turns, nothing runs concurrently, and an episode is as
-deterministic as the simulator.
+by the agent, one step each. It runs in a helper thread that takes strict turns with `step`'s caller
+(lbproxy/gym_episode.py), so an episode is as deterministic as the simulator.
 
 - Observation: a Dict of `rows` (MAX_BACKENDS x ROW_FEATURES float32: one row per backend slot,
   observe.F_* columns, zero for padding and for slots that may not be chosen), `context`
@@ -64,8 +62,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from queue import SimpleQueue
-from typing import Any, NamedTuple, SupportsFloat
+from typing import Any, SupportsFloat
 
 import numpy as np
 
@@ -76,22 +73,8 @@ except ImportError:  # one line, with the fix
     raise ImportError("lbproxy.gym_env needs gymnasium: pip install 'lbproxy[gym]'") from None
 
 from lbproxy.config import Settings
-from lbproxy.observe import (
-    CONTEXT_FEATURES,
-    ERROR_PENALTY,
-    MAX_BACKENDS,
-    ROW_FEATURES,
-    ClusterView,
-    Outcome,
-    WindowSummary,
-    action_mask,
-    encode_state,
-    reward,
-)
-from lbproxy.policies.peak_ewma import PeakEwma
-from lbproxy.policy import NoBackendAvailable
-from lbproxy.sim.engine import Simulator
-from lbproxy.sim.episode import run_episode
+from lbproxy.gym_episode import Channel, Completion, Handoff, Observation, simulate_episode
+from lbproxy.observe import CONTEXT_FEATURES, ERROR_PENALTY, MAX_BACKENDS, ROW_FEATURES
 from lbproxy.sim.generator import GENERATED, Split, generate_scenario
 from lbproxy.sim.scenario import Scenario, load_scenario
 from lbproxy.sim.suite import TrainingSet, train_sim_seed
@@ -106,129 +89,6 @@ FEATURE_BOUND = float(np.finfo(np.float32).max)
 no fixed ceiling, and check_env refuses infinite bounds."""
 SPLITS: tuple[Split, ...] = ("train", "validation", "evaluation")
 RESET_OPTIONS = ("scenario", "cluster_seed", "split", "phase")
-
-Observation = dict[str, np.ndarray]
-
-
-class Completion(NamedTuple):
-    """A request that completed during a step (info["completed"]): which decision it was and its reward."""
-
-    decision: int
-    """The step (0-based, in its episode) that routed it."""
-    backend: int
-    latency_s: float
-    error: bool
-    reward: float
-    """observe.reward of the request: what the DQN's transition for that decision carries."""
-
-
-class _Aborted(Exception):
-    """Raised in the simulation thread when its episode is abandoned (reset, close, garbage)."""
-
-
-_ABORT = -1
-
-
-@dataclasses.dataclass(slots=True)
-class _Handoff:
-    """What the simulation thread hands to `step`'s caller: the next decision or the episode's end."""
-
-    obs: Observation | None
-    reward: float
-    completed: list[Completion]
-    """The requests completed since the last hand-off, in completion order."""
-    backend: int
-    """Where the previous decision's request went (after the fallback for a masked action); -1: none."""
-    end: bool = False
-    summary: WindowSummary | None = None
-    failure: BaseException | None = None
-
-
-class _Channel:
-    """The two one-way queues between the caller and one episode's simulation thread."""
-
-    def __init__(self) -> None:
-        self.to_caller: SimpleQueue[_Handoff] = SimpleQueue()
-        self.to_sim: SimpleQueue[tuple[int, bool]] = SimpleQueue()
-
-    def abort(self) -> None:
-        self.to_sim.put((_ABORT, False))
-
-
-class _EnvPolicy:
-    """The agent's side of the Policy protocol, in the simulation thread: `choose` hands the state to
-    the caller and returns the action it gets back; `observe` adds up `observe.reward` per request."""
-
-    name = "gym"
-
-    def __init__(self, sim: Simulator, channel: _Channel, error_penalty: float, seed: int) -> None:
-        self.sim = sim
-        self._channel = channel
-        self._error_penalty = error_penalty
-        self._fallback = PeakEwma(seed)
-        self._reward = 0.0
-        self._completed: list[Completion] = []
-        self._backend = -1
-        self._req_class = 0
-
-    def observation(self, req_class: int, view: ClusterView, now_s: float) -> Observation:
-        x = encode_state(view, req_class, now_s, MAX_BACKENDS)
-        return {
-            "rows": x[: MAX_BACKENDS * ROW_FEATURES].reshape(MAX_BACKENDS, ROW_FEATURES),
-            "context": x[MAX_BACKENDS * ROW_FEATURES :].copy(),
-            "action_mask": action_mask(view, MAX_BACKENDS).astype(np.int8),
-        }
-
-    def handoff(self, obs: Observation | None, **end: Any) -> _Handoff:
-        out = _Handoff(obs, self._reward, self._completed, self._backend, **end)
-        self._reward, self._completed = 0.0, []
-        return out
-
-    def final_observation(self) -> Observation:
-        """The cluster when the episode ended (a truncated one: after its requests were reported)."""
-        return self.observation(self._req_class, self.sim.view, self.sim.now_s)
-
-    def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
-        if not view.candidates:
-            raise NoBackendAvailable("no backend is available")
-        self._channel.to_caller.put(self.handoff(self.observation(req_class, view, now_s)))
-        action, masked = self._channel.to_sim.get()
-        if action == _ABORT:
-            raise _Aborted
-        if masked:
-            action = self._fallback.choose(req_class, view, now_s)
-            self._reward += reward(0.0, True, view.typical_all_s, self._error_penalty)
-        self._backend, self._req_class = action, req_class
-        return action
-
-    def observe(self, outcome: Outcome, view: ClusterView, now_s: float) -> None:
-        r = reward(outcome.latency_s, outcome.error, view.typical_all_s, self._error_penalty)
-        self._reward += r
-        self._completed.append(Completion(outcome.decision_id, outcome.backend, outcome.latency_s, outcome.error, r))
-
-
-def _simulate(
-    channel: _Channel, scenario: Scenario, sim_seed: int, phase: int, decisions: int, error_penalty: float
-) -> None:
-    """One episode, in the simulation thread; every way it ends is handed to the caller (but an abort)."""
-    made: list[_EnvPolicy] = []
-
-    def make(sim: Simulator) -> _EnvPolicy:
-        made.append(_EnvPolicy(sim, channel, error_penalty, sim_seed))
-        return made[0]
-
-    summary: WindowSummary | None
-    try:
-        summary, _stats = run_episode(make, scenario, sim_seed, phase, decisions, error_penalty=error_penalty)
-    except _Aborted:
-        return
-    except NoBackendAvailable:  # the simulation itself ended: terminated
-        summary = None
-    except BaseException as exc:  # handed over: the caller raises it
-        channel.to_caller.put(_Handoff(None, 0.0, [], -1, end=True, failure=exc))
-        return
-    policy = made[0]
-    channel.to_caller.put(policy.handoff(policy.final_observation(), end=True, summary=summary))
 
 
 class ClusterEnv(gymnasium.Env[dict[str, Any], np.int64]):
@@ -268,7 +128,7 @@ class ClusterEnv(gymnasium.Env[dict[str, Any], np.int64]):
         )
         self._run_seed: int | None = None
         self._episode = 0
-        self._channel: _Channel | None = None
+        self._channel: Channel | None = None
         self._thread: threading.Thread | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._mask: np.ndarray | None = None
@@ -326,9 +186,9 @@ class ClusterEnv(gymnasium.Env[dict[str, Any], np.int64]):
             phase = int(self.np_random.integers(phases)) if phases > 1 else 0
         elif not (isinstance(phase, int) and 0 <= phase < phases):
             raise ValueError(f"option phase must be in 0..{phases - 1} for scenario {scenario.name!r}, got {phase!r}")
-        channel = _Channel()
+        channel = Channel()
         thread = threading.Thread(
-            target=_simulate,
+            target=simulate_episode,
             args=(channel, scenario, sim_seed, phase, self.episode_decisions, self.error_penalty),
             name="lbproxy-gym-sim",
             daemon=True,
@@ -379,7 +239,7 @@ class ClusterEnv(gymnasium.Env[dict[str, Any], np.int64]):
         super().close()
 
     # --- the simulation thread -------------------------------------------------------------------
-    def _receive(self) -> _Handoff:
+    def _receive(self) -> Handoff:
         assert self._channel is not None
         got = self._channel.to_caller.get()
         if got.failure is not None:

@@ -118,7 +118,7 @@ def test_common_random_numbers_across_policies() -> None:
     assert rec_a.arrivals == rec_b.arrivals
     assert rec_a.chosen != rec_b.chosen
     # The same unit-mean service draw per request, scaled by the chosen server's class mean.
-    base = sim_a._base_mean
+    base = sim_a.servers.base_mean
     for d in range(800):
         (oa, _), (ob, _) = rec_a.outcomes[d], rec_b.outcomes[d]
         ua = oa.service_time_s / base[oa.req_class][oa.backend]  # type: ignore[operator]
