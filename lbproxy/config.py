@@ -293,6 +293,15 @@ class Settings(BaseSettings):
         description="Run live learner updates in a separate process (shared-memory replay) instead of a "
         "thread; see benchmarks/results/dqn_proxy.md for which keeps throughput higher.",
     )
+    actors: int = Field(
+        0,
+        ge=0,
+        description="Simulator training with this many Ray rollout workers (one CPU each) feeding the one learner "
+        "(lbproxy/train/ray_sim.py; `pip install 'lbproxy[distributed]'`); 0 = one process, no Ray.",
+    )
+    ray_address: str | None = Field(
+        None, description="With --actors: join this Ray cluster (e.g. auto, ray://HOST:10001), not a local Ray."
+    )
 
     @field_validator("policy")
     @classmethod
@@ -374,6 +383,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError(f"{what} needs --workers 1 for now (issue 12 item 2)")
     if settings.cluster_file is not None and not settings.backends:
         settings.backends = backends_from_cluster_file(settings.cluster_file)
+    if settings.actors and settings.mode == "train" and settings.train_env == "live":
+        raise ConfigError("invalid setting --actors (LBPROXY_ACTORS): Ray actors train in the simulator (--env sim)")
     return settings
 
 

@@ -26,6 +26,12 @@ for "stopped by that signal", so a supervisor (Kubernetes, systemd, a batch queu
 unfinished run, not a finished one. A second signal aborts at once. A SIGKILL at any moment loses
 only the episodes after the last checkpoint: `--resume` continues from it (writes are atomic, a
 temp file cut short is never taken for a checkpoint, and the CSV rows after it are dropped).
+
+Rounds. :class:`SimTrainerBase` holds what every simulator trainer shares (fingerprint, resume, checkpoints,
+CSV rows and progress, the stop latch, the final model) and runs the episodes in rounds that never
+cross a checkpoint boundary; a stop is honoured, and a checkpoint written, only between rounds. This
+module's :class:`SimTrainer` runs rounds of one episode in this process (`--actors 0`, the default);
+train/ray_sim.py runs rounds of N episodes on N Ray actors (`--actors N`).
 """
 
 from __future__ import annotations
@@ -35,26 +41,33 @@ import random
 import signal
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from lbproxy.config import ConfigError, Settings
-from lbproxy.observe import feature_dim
+from lbproxy.observe import WindowSummary, feature_dim
 from lbproxy.phases import phase_index_for_episode
+from lbproxy.rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from lbproxy.sim.episode import run_episode
 from lbproxy.sim.suite import TrainingSet, train_sim_seed
 from lbproxy.telemetry import CsvMetricsWriter
 from lbproxy.train.report import MetricsWindow, Progress, format_eta, metrics_row
 from lbproxy.train.run_dir import RunDir, capture_rng_state, restore_rng_state
 
+if TYPE_CHECKING:
+    from lbproxy.rl.agent import DqnAgent
+
 TRAIN_FORMAT = "lbproxy-train/2"
 """/2: the agent keeps its update pacer's debt and no global RNG state (the trainer's, saved once); /1 is refused."""
+RAY_TRAIN_FORMAT = "lbproxy-train-ray/1"
+"""Checkpoints of the Ray trainer (`--actors N`, train/ray_sim.py): its "agent" entry is its own."""
 EXIT_INTERRUPTED = 130
 """Exit code after SIGINT (Ctrl-C): checkpoint saved, run unfinished."""
 EXIT_TERMINATED = 128 + int(signal.SIGTERM)
@@ -93,8 +106,10 @@ class _StopLatch:
     """The first SIGINT/SIGTERM sets a flag checked between episodes; a second one raises
     KeyboardInterrupt (abort now)."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "episode") -> None:
         self.signum: int | None = None
+        self.unit = unit
+        """What is finished before stopping (an episode, or a round of the Ray trainer's episodes)."""
 
     @property
     def requested(self) -> bool:
@@ -113,15 +128,15 @@ class _StopLatch:
             raise KeyboardInterrupt
         self.signum = signum
         what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
-        print(f"\nlbproxy: {what}: finishing this episode and saving a checkpoint ...", file=sys.stderr, flush=True)
+        print(f"\nlbproxy: {what}: finishing this {self.unit} and saving a checkpoint ...", file=sys.stderr, flush=True)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _stop_latch() -> Iterator[_StopLatch]:
-    latch = _StopLatch()
+def _stop_latch(unit: str) -> Iterator[_StopLatch]:
+    latch = _StopLatch(unit)
     try:
         previous = {sig: signal.signal(sig, latch) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread (e.g. called from a worker): no graceful stop
@@ -134,7 +149,8 @@ def _stop_latch() -> Iterator[_StopLatch]:
             signal.signal(sig, handler)
 
 
-def _resolve_training_set(settings: Settings) -> TrainingSet:
+def resolve_training_set(settings: Settings) -> TrainingSet:
+    """`--scenario` as a TrainingSet; ConfigError (one line) for an unknown name or a bad file."""
     from lbproxy.sim import ScenarioError
     from lbproxy.sim.suite import training_set
 
@@ -144,48 +160,104 @@ def _resolve_training_set(settings: Settings) -> TrainingSet:
         raise ConfigError(str(exc)) from None
 
 
-class SimTrainer:
-    """One `--env sim` training run: the agent, its learner and replay, the run directory, and the
-    episode loop. `run()` returns the exit code."""
+def run_training_episode(
+    agent: DqnAgent, settings: Settings, train_set: TrainingSet, episodes: int, ep: int
+) -> tuple[int, WindowSummary]:
+    """Training episode `ep` of a run of `episodes`, routed by `agent`: its scenario, simulator seed and
+    curriculum phase are functions of (settings, ep) only. Returns its (0-based) phase and summary.
+    Both trainers call it: this process's for every episode, the Ray trainer's actors for theirs."""
+    phase = min(phase_index_for_episode(ep, episodes), train_set.phase_count - 1)
+    summary, _stats = run_episode(
+        lambda _sim: agent,
+        train_set.scenario(ep),
+        train_sim_seed(settings.seed, ep),
+        phase,
+        settings.episode_decisions,
+        first_id=int(agent.decisions),
+        error_penalty=settings.error_penalty,
+    )
+    return phase, summary
+
+
+class SimTrainerBase(ABC):
+    """What every `--env sim` trainer shares: the learner and its replay, the run directory, resume,
+    checkpoints, CSV rows, the stop latch and the final model; and the loop over rounds of episodes.
+    A subclass says how a round's episodes are simulated and learned from (:meth:`run_round`) and what
+    of its own a checkpoint holds (:meth:`policy_state`). `run()` returns the exit code."""
+
+    FORMAT: ClassVar[str]
+    """The `format` of its checkpoints (rl/checkpoint.py): another trainer's are refused."""
+    actors: int = 0
+    """Ray rollout actors (`--actors`); 0 for the single-process trainer."""
 
     def __init__(self, settings: Settings) -> None:
-        from lbproxy.rl.agent import DqnAgent
         from lbproxy.rl.learner import DqnConfig, Learner, resolve_device
         from lbproxy.rl.replay import ReplayBuffer
 
         if settings.seed < 0:
             raise ConfigError(f"invalid setting --seed: must be >= 0 for simulator training, got {settings.seed}")
         self.settings = settings
-        self.train_set = _resolve_training_set(settings)
+        self.train_set = resolve_training_set(settings)
         self.episodes = settings.resolved_episodes()
         self.run_dir = RunDir(settings.run_dir)
         self.fp = fingerprint(settings, self.train_set, self.episodes)
         self.device = resolve_device(settings.device)
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # one core: the MLP is small and the default run is sized for one core
-        width = self.train_set.width
-        cfg = DqnConfig.from_settings(settings)
+        self.cfg = DqnConfig.from_settings(settings)
         random.seed(settings.seed)
         np.random.seed(settings.seed % 2**32)
         torch.manual_seed(settings.seed)
-        self.learner = Learner(cfg, device=self.device)
-        self.replay = ReplayBuffer(cfg.buffer_size, feature_dim(width), width, seed=settings.seed)
-        self.agent = DqnAgent(
-            self.learner,
-            self.replay,
-            cfg,
-            total_decisions=self.episodes * settings.episode_decisions,
-            seed=settings.seed,
-            width=width,
+        self.learner = Learner(self.cfg, device=self.device)
+        self.replay = ReplayBuffer(
+            self.cfg.buffer_size, feature_dim(self.train_set.width), self.train_set.width, seed=settings.seed
         )
         self.start_episode = 0
         self.window = MetricsWindow()
         self.wall_before = 0.0
         self.t0 = time.perf_counter()
 
+    # --- what a subclass provides --------------------------------------------------------------------
+    @property
+    def round_size(self) -> int:
+        """Episodes per round (a round may be cut shorter at a checkpoint boundary or the run's end)."""
+        return 1
+
+    @abstractmethod
+    def run_round(self, episodes: range) -> Iterator[int]:
+        """Simulate and learn from `episodes`, in order; after each one is learned from and added to
+        `self.window`, yield its (0-based) phase."""
+
+    @property
+    @abstractmethod
+    def epsilon(self) -> float:
+        """Exploration rate of the next decision (the CSV's epsilon)."""
+
+    @property
+    @abstractmethod
+    def last_loss(self) -> float:
+        """The learner's latest TD loss (NaN before learning starts)."""
+
+    @abstractmethod
+    def policy_state(self) -> dict[str, Any]:
+        """The checkpoint's "agent" entry: the trainer's own counters beside the learner and replay."""
+
+    @abstractmethod
+    def load_policy_state(self, state: dict[str, Any]) -> None:
+        """Restore `policy_state` (called after the learner and the replay are restored)."""
+
+    def session(self) -> AbstractContextManager[object]:
+        """Around the episode loop (the Ray trainer: its Ray session and actors)."""
+        return nullcontext()
+
+    def describe(self) -> str:
+        """How the episodes run, for the start line."""
+        return f"device {self.device}"
+
+    # --- shared ------------------------------------------------------------------------------------
     def resume(self) -> None:
         """Open the run directory; with --resume restore every state from the newest checkpoint."""
-        opened = self.run_dir.open(resume=self.settings.resume, fmt=TRAIN_FORMAT, trainer="simulator-training")
+        opened = self._open_run_dir()
         if opened is None:
             return
         path, state = opened
@@ -200,24 +272,39 @@ class SimTrainer:
         with RunDir.restoring(path):
             self.learner.load_state_dict(state["learner"])
             self.replay.load_state_dict(state["replay"])
-            self.agent.load_state_dict(state["agent"])
+            self.load_policy_state(state["agent"])
             restore_rng_state(state["rng"])
             self.start_episode = int(state["episode"])
             self.window = MetricsWindow.from_state(state["window"])
             self.wall_before = float(state["wall_s"])
         print(f"lbproxy: resuming {self.run_dir.root} from episode {self.start_episode} ({path.name})", file=sys.stderr)
 
+    def _open_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
+        """RunDir.open, with the one-line error naming the actor count when the newest checkpoint is
+        the other trainer's (trained with another `--actors`)."""
+        try:
+            return self.run_dir.open(resume=self.settings.resume, fmt=self.FORMAT, trainer="simulator-training")
+        except ConfigError:
+            trained = _trained_actors(self.run_dir.root) if self.settings.resume else None
+            if trained is not None and trained != self.actors:
+                path = latest_checkpoint(self.run_dir.root)
+                raise ConfigError(
+                    f"--resume: {path} was trained with --actors {trained}, now --actors {self.actors}; "
+                    f"resume with --actors {trained} or start a new --run-dir"
+                ) from None
+            raise
+
     def wall_s(self) -> float:
         return self.wall_before + (time.perf_counter() - self.t0)
 
     def save(self, episode_done: int) -> Path:
         payload = {
-            "format": TRAIN_FORMAT,
+            "format": self.FORMAT,
             "episode": episode_done,
             "fingerprint": self.fp,
             "learner": self.learner.state_dict(),
             "replay": self.replay.state_dict(),
-            "agent": self.agent.state_dict(),
+            "agent": self.policy_state(),
             "rng": capture_rng_state(),
             "window": self.window.state(),
             "wall_s": self.wall_s(),
@@ -226,7 +313,7 @@ class SimTrainer:
 
     def write_final(self, wall: float) -> Path:
         meta = {
-            "trained_by": "lbproxy --mode train --env sim",
+            "trained_by": "lbproxy --mode train --env sim" + (f" --actors {self.actors}" if self.actors else ""),
             "episodes": self.episodes,
             "wall_s": round(wall, 1),
             "device": str(self.device),
@@ -234,52 +321,47 @@ class SimTrainer:
         }
         return self.run_dir.save_final(self.learner.online, meta)
 
-    def episode(self, ep: int) -> int:
-        """Run episode `ep` and add it to the metrics window; returns its (0-based) phase."""
-        s, agent = self.settings, self.agent
-        phase = min(phase_index_for_episode(ep, self.episodes), self.train_set.phase_count - 1)
-        summary, _stats = run_episode(
-            lambda _sim: agent,
-            self.train_set.scenario(ep),
-            train_sim_seed(s.seed, ep),
-            phase,
-            s.episode_decisions,
-            first_id=int(agent.decisions),
-            error_penalty=s.error_penalty,
-        )
-        self.window.add(summary, agent.last_loss)
-        return phase
-
     def report(self, done: int, phase: int, writer: CsvMetricsWriter, progress: Progress) -> None:
         """The CSV row the window closes, and the progress line."""
         wall = self.wall_s()
         means = self.window.means()
-        epsilon = self.agent.epsilon
+        epsilon = self.epsilon
         writer.write(metrics_row(done, phase + 1, means, epsilon=epsilon, updates=self.learner.updates, wall_s=wall))
         progress.row(done, phase + 1, means, epsilon=epsilon, wall_s=wall)
         self.window = MetricsWindow()
 
+    def rounds(self) -> Iterator[range]:
+        """The episodes still to run, in rounds of `round_size` cut at every checkpoint boundary: the
+        rounds after any checkpoint (a stop's included: it ends a round) are the uninterrupted run's."""
+        every, ep = self.settings.checkpoint_every, self.start_episode
+        while ep < self.episodes:
+            end = min(ep + self.round_size, (ep // every + 1) * every, self.episodes)
+            yield range(ep, end)
+            ep = end
+
     def train(self, stop_after: int | None) -> int | None:
-        """The episode loop; the exit code when a stop signal (or `stop_after`) ended it early."""
+        """The loop over rounds; the exit code when a stop signal (or `stop_after`) ended it early."""
         s, log = self.settings, self.run_dir.log
         writer = self.run_dir.metrics_writer()
         progress = Progress(self.episodes, self.start_episode, self.wall_before)
         diverged = False
         try:
-            with _stop_latch() as latch:
-                for ep in range(self.start_episode, self.episodes):
-                    phase = self.episode(ep)
-                    done = ep + 1
-                    if not diverged and self.learner.updates and not math.isfinite(self.agent.last_loss):
-                        diverged = True
-                        log.warning(f"lbproxy: episode {done}: the TD loss is {self.agent.last_loss} (diverged?)")
-                    if done % s.metrics_every == 0 or done == self.episodes:
-                        self.report(done, phase, writer, progress)
+            with _stop_latch("episode" if self.round_size == 1 else "round of episodes") as latch:
+                for episodes in self.rounds():
+                    for done, phase in enumerate(self.run_round(episodes), start=episodes.start + 1):
+                        if not diverged and self.learner.updates and not math.isfinite(self.last_loss):
+                            diverged = True
+                            log.warning(f"lbproxy: episode {done}: the TD loss is {self.last_loss} (diverged?)")
+                        if done % s.metrics_every == 0 or done == self.episodes:
+                            self.report(done, phase, writer, progress)
+                    done = episodes.stop
                     stopping = latch.requested or (stop_after is not None and done >= stop_after)
                     if done % s.checkpoint_every == 0 or (stopping and done < self.episodes):
                         self.save(done)
                     if stopping and done < self.episodes:
                         resume_cmd = f"lbproxy --mode train --env sim --resume --run-dir {self.run_dir.root}"
+                        if self.actors:
+                            resume_cmd += f" --actors {self.actors}"
                         log.warning(
                             f"lbproxy: stopped after episode {done} ({latch.reason}); checkpoint saved. "
                             f"Resume with: {resume_cmd}"
@@ -303,13 +385,14 @@ class SimTrainer:
         s, log = self.settings, self.run_dir.log
         print(
             f"lbproxy: training {self.episodes} episodes x {s.episode_decisions} decisions on scenario "
-            f"{self.train_set.name!r}, device {self.device}, run dir {self.run_dir.root}",
+            f"{self.train_set.name!r}, {self.describe()}, run dir {self.run_dir.root}",
             file=sys.stderr,
         )
-        self.t0 = time.perf_counter()
         with log.capturing():
             try:
-                stopped = self.train(stop_after)
+                with self.session():
+                    self.t0 = time.perf_counter()
+                    stopped = self.train(stop_after)
             except KeyboardInterrupt:
                 log.write("WARNING", "aborted by a second stop signal: the episodes after the last checkpoint are lost")
                 raise
@@ -324,7 +407,69 @@ class SimTrainer:
         return 0
 
 
+def _trained_actors(root: Path) -> int | None:
+    """`--actors` of the run whose newest checkpoint is in `root` (0: the single-process trainer's),
+    None when there is none or it is neither trainer's."""
+    path = latest_checkpoint(root)
+    if path is None:
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return None
+    if state.get("format") == TRAIN_FORMAT:
+        return 0
+    if state.get("format") == RAY_TRAIN_FORMAT:
+        return int(state.get("fingerprint", {}).get("actors", 0))
+    return None
+
+
+class SimTrainer(SimTrainerBase):
+    """The single-process trainer (`--actors 0`): rounds of one episode, routed by a DqnAgent that
+    learns as it goes (updates after each completion, rl/agent.py)."""
+
+    FORMAT = TRAIN_FORMAT
+
+    def __init__(self, settings: Settings) -> None:
+        from lbproxy.rl.agent import DqnAgent
+
+        super().__init__(settings)
+        self.agent = DqnAgent(
+            self.learner,
+            self.replay,
+            self.cfg,
+            total_decisions=self.episodes * settings.episode_decisions,
+            seed=settings.seed,
+            width=self.train_set.width,
+        )
+
+    @property
+    def epsilon(self) -> float:
+        return self.agent.epsilon
+
+    @property
+    def last_loss(self) -> float:
+        return self.agent.last_loss
+
+    def policy_state(self) -> dict[str, Any]:
+        return self.agent.state_dict()
+
+    def load_policy_state(self, state: dict[str, Any]) -> None:
+        self.agent.load_state_dict(state)
+
+    def run_round(self, episodes: range) -> Iterator[int]:
+        for ep in episodes:
+            phase, summary = run_training_episode(self.agent, self.settings, self.train_set, self.episodes, ep)
+            self.window.add(summary, self.agent.last_loss)
+            yield phase
+
+
 def run_train_sim(settings: Settings, *, stop_after: int | None = None) -> int:
-    """Train the DQN in the simulator; returns the exit code. `stop_after` (tests only) stops after
-    that many episodes as if Ctrl-C had been pressed, so a run can be split and resumed exactly."""
+    """Train the DQN in the simulator (`--actors N`: on N Ray actors, train/ray_sim.py); returns the
+    exit code. `stop_after` (tests only) stops after the round that reaches that many episodes as if
+    Ctrl-C had been pressed, so a run can be split and resumed exactly."""
+    if settings.actors > 0:
+        from lbproxy.train.ray_sim import RaySimTrainer
+
+        return RaySimTrainer(settings).run(stop_after)
     return SimTrainer(settings).run(stop_after)

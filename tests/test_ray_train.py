@@ -1,0 +1,120 @@
+"""Simulator training on Ray (`--actors N`, lbproxy/train/ray_sim.py): a 2-actor run through the CLI
+writes the single-process layout, a split run resumes to the same weights, another actor count is
+refused, and without Ray `--actors` is one line.
+
+One local Ray serves the module (the trainer keeps a session it did not start); the runs go through
+`lbproxy.cli.main` in this process, so each pays its actors' start-up but not Ray's."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="Ray is the optional extra lbproxy[distributed] and is not installed")
+
+from test_train import TINY, csv_rows, final_weights  # noqa: E402
+
+from lbproxy.cli import main  # noqa: E402
+from lbproxy.config import ConfigError, load_settings  # noqa: E402
+from lbproxy.rl.checkpoint import load_checkpoint, load_model  # noqa: E402
+from lbproxy.train.ray_sim import RAY_MISSING  # noqa: E402
+from lbproxy.train.sim import EXIT_INTERRUPTED, RAY_TRAIN_FORMAT, run_train_sim  # noqa: E402
+
+pytestmark = pytest.mark.slow  # each run starts two actor processes (~3 s of imports here)
+
+REPO = Path(__file__).resolve().parent.parent
+RAY_TINY: dict[str, Any] = {**TINY, "episodes": 20, "actors": 2}
+"""checkpoint_every 5 with 2 actors: the rounds end after episodes 2, 4, 5 | 7, 9, 10 | ... (cut at each
+checkpoint)."""
+
+
+def flags(run_dir: Path, **extra: Any) -> list[str]:
+    out = []
+    for key, value in {**RAY_TINY, "run_dir": run_dir, **extra}.items():
+        out += ["--" + key.replace("_", "-"), str(value)]
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("whole")
+    assert main(flags(run_dir)) == 0
+    return run_dir
+
+
+def test_two_actors_write_the_single_process_layout(whole: Path) -> None:
+    assert [r["episode"] for r in csv_rows(whole)] == ["10", "20"]
+    assert float(csv_rows(whole)[-1]["loss"]) > 0 and int(csv_rows(whole)[-1]["updates"]) > 0
+    names = sorted(p.name for p in (whole / "checkpoints").iterdir())
+    assert names == [f"dqn_episode_{e:04d}.pth" for e in (5, 10, 15, 20)]
+    state = load_checkpoint(whole / "checkpoints" / "dqn_episode_0010.pth")
+    assert state["format"] == RAY_TRAIN_FORMAT and state["fingerprint"]["actors"] == 2
+    net, meta = load_model(whole / "dqn_final.pth")
+    assert net.hidden == 16 and meta["episodes"] == 20 and "--actors 2" in meta["trained_by"]
+
+
+def test_split_run_resumes_to_the_same_weights(whole: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split"
+    settings = load_settings({**RAY_TINY, "run_dir": split})
+    # A stop after episode 6 lands mid-round (episodes 6 and 7): the checkpoint is the round's end, mid-row.
+    assert run_train_sim(settings, stop_after=6) == EXIT_INTERRUPTED
+    assert load_checkpoint(split / "checkpoints" / "dqn_episode_0007.pth")["episode"] == 7
+    assert main([*flags(split), "--resume"]) == 0
+    a, b = final_weights(whole), final_weights(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in csv_rows(whole)]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in csv_rows(split)]
+
+
+@pytest.mark.parametrize(("actors", "says"), [(3, "actors=2, now actors=3"), (0, "--actors 2, now --actors 0")])
+def test_resume_with_another_actor_count_is_refused(
+    whole: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], actors: int, says: str
+) -> None:
+    run_dir = tmp_path / "other"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    ckpt = whole / "checkpoints" / "dqn_episode_0010.pth"
+    (run_dir / "checkpoints" / ckpt.name).write_bytes(ckpt.read_bytes())
+    assert main([*flags(run_dir, actors=actors), "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], lines
+
+
+def test_actors_with_live_training_is_one_line() -> None:
+    with pytest.raises(ConfigError, match="--actors"):
+        load_settings({"mode": "train", "env": "live", "actors": 2, "backends": "http://127.0.0.1:9"})
+
+
+def test_actors_without_ray_is_one_line(tmp_path: Path) -> None:
+    """Ray made unimportable by a `ray` module first on the path that raises ImportError."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "ray.py").write_text("raise ImportError('ray is blocked for this test')\n")
+    path = [str(shim), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbproxy", *flags(tmp_path / "run")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"lbproxy: {RAY_MISSING}"], proc.stderr
