@@ -10,7 +10,7 @@ Rows measured side by side in one run are comparable; absolute figures move +-10
 
 Two references isolate the engine: the `cycle` row (a precomputed capacity-weighted rotation that
 observes nothing: the floor set by the event loop, the Outcome object and observe.ClusterView's
-on_dispatch/on_complete) and the per-call costs of those observe.py pieces measured in a tight loop.
+on_dispatch/on_complete) and the per-call costs of those lbproxy.observe pieces measured in a tight loop.
 Throughput also depends on the queues a policy builds (the completion heap grows with them), so the
 table shows each row's mean latency: load-blind policies overload the slow servers of these
 clusters, and their rows measure a simulator holding thousands of queued requests.
@@ -102,7 +102,7 @@ def measure(
 
 
 def micro_costs_us() -> dict[str, float]:
-    """Per-call cost of the observe.py pieces every simulated request pays for (tight loop)."""
+    """Per-call cost of the lbproxy.observe pieces every simulated request pays for (tight loop)."""
     n = 200_000
     view = ClusterView.create(4)
     out = Outcome(1, 0, 0.01, False, 0, 0.01)
@@ -151,7 +151,7 @@ def report(args: argparse.Namespace, rows: list[Row], micro: dict[str, float]) -
         "|---|---|---:|---:|---:|",
         *(f"| {s} | {p} | {on:,.0f} | {off:,.0f} | {lat:,.1f} |" for s, p, on, off, lat in rows),
         "",
-        "Per-request cost of the observe.py pieces the protocol requires "
+        "Per-request cost of the lbproxy.observe pieces the protocol requires "
         "(tight loop, CPU time, loop overhead subtracted):",
         "",
         "| piece | µs per call |",

@@ -1,5 +1,5 @@
 """Episodes of live training: windows of `episode_decisions` routed decisions, measured with the same
-WindowStats as the simulator's episodes (lbproxy/observe.py).
+WindowStats as the simulator's episodes (lbproxy/observe/metrics.py).
 
 The dqn policy feeds the tracker every decision and every outcome (lbproxy/policies/dqn.py); the live
 trainer (lbproxy/train/live.py) consumes the completed windows, one per episode (train/report.py).
@@ -37,4 +37,3 @@ class EpisodeTracker:
 
     def record_outcome(self, outcome: Outcome, view: ClusterView) -> None:
         self.window.record_outcome(outcome, view.typical_all_s)
-

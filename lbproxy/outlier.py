@@ -1,6 +1,6 @@
 """Which backends a policy may choose: outlier ejection, panic mode and slow start, as pure rules.
 
-One implementation for the live pool (lbproxy/upstream.py) and the simulator (lbproxy/sim/engine.py):
+One implementation for the live pool (lbproxy/upstream.py) and the simulator (lbproxy/sim/servers.py):
 no I/O, no clock, no event loop; every call that depends on time takes `now_s`, and the caller owns
 timers (the pool's `call_later`, the simulator's control heap). The rules:
 

@@ -204,7 +204,7 @@ async def test_process_learner_updates_and_publishes_weights() -> None:
 
 
 def test_a_dead_learner_is_reported_once_where_the_runtime_reports(tmp_path: Path) -> None:
-    """Live training points the runtime's report at its run's error log (live_train.py)."""
+    """Live training points the runtime's report at its run's error log (lbproxy/train/live.py)."""
     rt = create_dqn_runtime(small_settings(), ClusterView.create(2), None, train=True, total_decisions=100)
     log = RunDir(tmp_path).log
     rt.report = log.error

@@ -23,7 +23,7 @@ Mapping onto this proxy:
 - qbar_s = 0: no backend reports its queue. The one a server would report is made of this proxy's
   requests, which os_s already counts exactly and without delay; adding an estimate of the same
   requests (e.g. in-flight beyond the observed concurrency) would count them twice.
-- The paper's client-side EWMAs are the view's (observe.py), shared with every policy.
+- The paper's client-side EWMAs are the view's (lbproxy/observe/view.py), shared with every policy.
 - Ties (equal Psi, e.g. idle backends before any completion): uniform random, seeded.
 
 Cost per decision: one Python pass over the candidates, ~0.6 µs at 4 backends, ~2.1 µs at 16,

@@ -1,7 +1,7 @@
 """What the proxy runs for `--policy dqn`: the policy, its inference engine and, in train/online mode,
 the replay buffer and background learner, with the lifetime the app gives them.
 
-`create_dqn_runtime(settings, view, metrics)` builds it (serve.py calls it; live_train.py builds one
+`create_dqn_runtime(settings, view, metrics)` builds it (serve.py calls it; train/live.py builds one
 in train mode). Its `lifespan` goes into `ProxyServer.lifespans` so the learner starts and stops
 with the proxy; a gauge task refreshes the learning gauges, runs the guardrail's test and reports a
 dead learner once a second.
@@ -74,7 +74,7 @@ class DqnRuntime:
 
     async def start(self) -> None:
         # gc.freeze() after start-up (torch's heap: an ~80 ms full collection wrecked p99) is done once
-        # by the process entry point (serve.tune_gc, also called by live_train), not here.
+        # by the process entry point (serve.tune_gc, also called by train/live.py), not here.
         loop = asyncio.get_running_loop()
         if self.learner is not None:
             self.learner.start(loop)
@@ -300,7 +300,7 @@ def create_dqn_runtime(
 ) -> DqnRuntime:
     """Build the dqn policy for the proxy. serve (default): greedy, weights from `net`, else
     `settings.model` (or the shipped default), learning only with `--online`. train (`train=True`,
-    live_train): ε schedule over `total_decisions` from `epsilon_start_step`, weights from
+    train/live.py): ε schedule over `total_decisions` from `epsilon_start_step`, weights from
     `learner_state` (--resume), `net` (--init-model) or fresh. `view` sizes a learning state."""
     is_train = settings.mode == "train" if train is None else train
     learning = is_train or settings.online

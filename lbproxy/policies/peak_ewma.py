@@ -4,7 +4,7 @@ Finagle's `PeakEwma` balancer (Twitter), used by Linkerd and tower (`tower::load
 `tower::balance::p2c`): each backend's cost is a peak-sensitive EWMA of its round-trip time (a slow
 response is believed at once, fast ones pull it down with decay time tau = 10 s, Finagle/Linkerd
 default) multiplied by its pending requests plus one. The estimate itself lives in
-`ClusterView` (observe.py: `PEAK_EWMA_TAU_S`, and `DEFAULT_RTT_S` = 30 ms for a backend never
+`ClusterView` (lbproxy/observe/view.py: `PEAK_EWMA_TAU_S`, and `DEFAULT_RTT_S` = 30 ms for a backend never
 measured, linkerd2-proxy's default), so the proxy, the simulator and the DQN's features agree; this
 policy only reads it, decayed to `now_s` as tower does when it reads the load.
 

@@ -1,6 +1,6 @@
 """`ProxyServer`: the data-plane listener, the admin listener and the objects they share.
 
-Serve mode (lbproxy/serve.py) and live training (lbproxy/live_train.py) both build one, with
+Serve mode (lbproxy/serve.py) and live training (lbproxy/train/live.py) both build one, with
 different policies; extra admin routes and lifespans (e.g. the DQN learner) hook in through
 `admin_routes` and `lifespans` before `start()`.
 """

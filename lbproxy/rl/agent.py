@@ -156,7 +156,7 @@ class DqnAgent:
     def state_dict(self) -> dict[str, Any]:
         """Counters, epsilon step, update debt, pending records and the agent's own RNG. The learner
         and the replay buffer have their own state_dicts, the global RNGs are the trainer's (saved
-        once per checkpoint, rl/run_dir.py): save them all for an exact resume."""
+        once per checkpoint, train/run_dir.py): save them all for an exact resume."""
         return {
             "decisions": self.decisions,
             "eps_step": self.explorer.step,

@@ -7,7 +7,7 @@ Two ways to answer, chosen by device:
   from one encoded state per request class: :meth:`InferenceEngine.inline_pass` computes the pooled
   cluster summary once and scores every backend row (and each row as it will read after one more
   dispatch); a decision that dispatches to b then re-scores only row b (:meth:`score`), exactly,
-  because nothing else of any row changed (observe.py, rl/network.py). No handler is suspended:
+  because nothing else of any row changed (observe/features.py, rl/network.py). No handler is suspended:
   suspending every request on a future cost ~10 µs of proxy CPU per request and ~17 % of throughput
   (benchmarks/results/dqn_proxy.md). The deadline bounds the pass's own compute time: the wait
   before it is the loop running other handlers, which no fallback could answer sooner.

@@ -5,7 +5,7 @@ The requests whose handlers run in one event-loop iteration are decided from one
 per class. They are not blind to each other: every dispatch (by any class, any arm) advances the
 dispatched backend's score to the one it has with one more request in flight (`levels`), which is
 exactly the score a full forward pass of the state after that dispatch would give it: a dispatch
-changes that one row and nothing the other rows' scores depend on (rl/network.py, observe.py's
+changes that one row and nothing the other rows' scores depend on (rl/network.py, observe/features.py's
 DispatchModel). Without that, every request of an iteration would go to the same backend: worse
 routing, and ~5 % less proxy throughput even for round robin made to do so (measured while building
 this).

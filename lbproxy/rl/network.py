@@ -1,6 +1,6 @@
 """The Q-network: permutation-equivariant, one Q-value per backend row, any backend count.
 
-A backend is scored from its own feature row (lbproxy/observe.py, ``F_*`` columns), a pooled summary
+A backend is scored from its own feature row (lbproxy/observe/features.py, ``F_*`` columns), a pooled summary
 of all candidate rows and the request context, with weights shared by every row (DeepSets, Zaheer et
 al. 2017). So permuting the backends permutes the Q-values, and the same weights route 1 or 64
 backends. Layout, with H = `hidden` and S = `summary`:

@@ -1,7 +1,7 @@
 """Discrete-event simulator of the cluster model (lbproxy/cluster.py) and its scenario files.
 
 Trains and evaluates any Policy thousands of times faster than real HTTP, with the same features,
-reward and metrics (lbproxy/observe.py) as the live proxy. See engine.py for the model and the
+reward and metrics (lbproxy/observe/) as the live proxy. See engine.py for the model and the
 event order, scenario.py (or SCENARIOS.md) for the scenario file schema.
 """
 
