@@ -7,17 +7,14 @@ O(log log n). Envoy's LEAST_REQUEST balancer does exactly this with its default 
 `weight / (active_requests + 1) ** active_request_bias` (bias default 1.0); comparing
 `(in_flight + 1) / capacity` is the same order, and with equal capacities it is plain in-flight.
 
-Sampling (shared with peak_ewma, and recomputed by the tests from a twin `random.Random(seed)`):
-``a = int(r1 * k); b = int(r2 * (k - 1)); b += b >= a`` gives two distinct, uniformly chosen
-positions in `candidates`. It is written out in both policies rather than called: a shared helper
-cost ~55 ns per decision, +11 % of p2c's and +6 % of peak_ewma's (thread CPU time, 2-core dev
-machine); tests/test_policies.py holds both to the one formula (`twin_samples`).
+Sampling (`policies/base.two_distinct`, shared with peak_ewma; tests/test_policies.py recomputes it
+from a twin `random.Random(seed)`): two distinct, uniformly chosen positions in `candidates`.
 """
 
 from __future__ import annotations
 
 from lbproxy.observe import ClusterView, Outcome
-from lbproxy.policies.base import SeededPolicy, sole_candidate
+from lbproxy.policies.base import SeededPolicy, sole_candidate, two_distinct
 
 
 class PowerOfTwoChoices(SeededPolicy):
@@ -27,16 +24,9 @@ class PowerOfTwoChoices(SeededPolicy):
 
     def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
         cands = view.candidates
-        k = len(cands)
-        if k <= 1:
+        if len(cands) <= 1:
             return sole_candidate(cands)
-        r = self._random
-        a = int(r() * k)
-        b = int(r() * (k - 1))
-        if b >= a:
-            b += 1
-        ia = cands[a]
-        ib = cands[b]
+        ia, ib = two_distinct(cands, self._random)
         in_flight = view.in_flight
         capacity = view.capacity
         # (fa + 1) / ca <= (fb + 1) / cb, cross-multiplied to avoid two divisions.

@@ -8,8 +8,7 @@ default) multiplied by its pending requests plus one. The estimate itself lives 
 measured, linkerd2-proxy's default), so the proxy, the simulator and the DQN's features agree; this
 policy only reads it, decayed to `now_s` as tower does when it reads the load.
 
-Sampling is the same as `p2c` (two distinct uniform positions in `candidates`), written out here too:
-p2c.py says why.
+Sampling is p2c's (`policies/base.two_distinct`: two distinct uniform positions in `candidates`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from __future__ import annotations
 import math
 
 from lbproxy.observe import PEAK_EWMA_TAU_S, ClusterView, Outcome
-from lbproxy.policies.base import SeededPolicy, sole_candidate
+from lbproxy.policies.base import SeededPolicy, sole_candidate, two_distinct
 
 
 class PeakEwma(SeededPolicy):
@@ -27,16 +26,9 @@ class PeakEwma(SeededPolicy):
 
     def choose(self, req_class: int, view: ClusterView, now_s: float) -> int:
         cands = view.candidates
-        k = len(cands)
-        if k <= 1:
+        if len(cands) <= 1:
             return sole_candidate(cands)
-        r = self._random
-        a = int(r() * k)
-        b = int(r() * (k - 1))
-        if b >= a:
-            b += 1
-        ia = cands[a]
-        ib = cands[b]
+        ia, ib = two_distinct(cands, self._random)
         # Inlined `view.decayed_cost(i, now_s)` (same expression, bit for bit; a test pins the two
         # together): it saves two method calls, 5-20 % of the decision (benchmarks/decision_cost.py).
         last = view.last_update_s
