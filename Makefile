@@ -21,11 +21,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy --strict lbproxy/rl lbproxy/policies
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy lbproxy
+	$(BIN)/mypy --strict lbproxy/rl lbproxy/policies
 
 clean:
 	rm -rf $(VENV) build *.egg-info
