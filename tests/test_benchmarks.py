@@ -22,6 +22,19 @@ CPU_ONLY = {
     "learner_loop_lag": ["--seconds", "0.3"],
     "learner_step": ["--trials", "1", "--trial-budget-s", "0.05"],
     "sim_throughput": ["--decisions", "5000", "--repeats", "1"],
+    "replicas": [
+        "--seeds",
+        "0",
+        "--episodes",
+        "3",
+        "--eval-episodes",
+        "2",
+        "--replicas",
+        "1",
+        "2",
+        "--heuristics",
+        "least_conn",
+    ],
 }
 WITH_WRK = {
     "backend_overhead": ["--duration", "1", "--rounds", "1"],
