@@ -230,7 +230,7 @@ def per_seed(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", default="class_skew", help="a scenario where learning beats the heuristics")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -244,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--append", action="store_true", help="add this run as a section of --out (no bandwidth part): another budget"
     )
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    scenario = load_scenario(args.scenario)
-    load0, wall0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    return ap.parse_args(argv)
+
+
+def run_all(scenario: Scenario, args: argparse.Namespace) -> list[Run]:
+    """Every condition for every seed: the DQN setups (K = 1: one proxy) and the heuristics."""
     runs: list[Run] = []
     for seed in args.seeds:
         for k in args.replicas:
@@ -262,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             for name in args.heuristics:
                 runs.append(heuristic_run(name, k, seed, scenario, args))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    scenario = load_scenario(args.scenario)
+    load0, wall0, cpu0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    runs = run_all(scenario, args)
     cpu = time.process_time() - cpu0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     title = "# K proxy replicas: independent learners vs one shared learner (simulator)"
