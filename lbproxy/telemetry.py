@@ -26,6 +26,34 @@ REQUEST_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class LearnerMetrics:
+    """The learner's metrics: defined by Metrics for the proxy, and alone by the learner process of
+    `--workers N --online` (rl/learner_process.py), which is the one process that sets them there."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        learner: Final = "livemax"  # unset in the workers (0): the learner process's value
+        self.td_loss = Gauge(
+            "lbproxy_td_loss", "Mean Huber TD loss of recent learner updates", registry=r, multiprocess_mode=learner
+        )
+        self.learner_updates = Counter("lbproxy_learner_updates", "Gradient updates applied", registry=r)
+        self.replay_size = Gauge(
+            "lbproxy_replay_size", "Transitions in the replay buffer", registry=r, multiprocess_mode=learner
+        )
+        self.weights_version = Gauge(
+            "lbproxy_learner_weights_version",
+            "Version of the weights the learner published last (0: the ones it started from)",
+            registry=r,
+            multiprocess_mode=learner,
+        )
+
+    def published(self, updates: int, mean_loss: float, replay_size: int, version: int) -> None:
+        """After the learner process published weights: the updates and mean loss since the last time."""
+        self.learner_updates.inc(updates)
+        self.td_loss.set(mean_loss)
+        self.replay_size.set(replay_size)
+        self.weights_version.set(version)
+
+
 class Metrics:
     """All of lbproxy's metrics on one registry, so tests can create isolated instances."""
 
@@ -100,18 +128,14 @@ class Metrics:
             registry=r,
             multiprocess_mode=window,
         )
-        # One learner (live training and --online need --workers 1 for now): any live worker's value.
+        # One learner: the one process's value (LearnerMetrics), any live worker's for ε and episode.
         learner: Final = "livemax"
         self.epsilon = Gauge(
             "lbproxy_epsilon", "Exploration rate of the DQN policy", registry=r, multiprocess_mode=learner
         )
-        self.td_loss = Gauge(
-            "lbproxy_td_loss", "Mean Huber TD loss of recent learner updates", registry=r, multiprocess_mode=learner
-        )
-        self.learner_updates = Counter("lbproxy_learner_updates", "Gradient updates applied", registry=r)
-        self.replay_size = Gauge(
-            "lbproxy_replay_size", "Transitions in the replay buffer", registry=r, multiprocess_mode=learner
-        )
+        lm = LearnerMetrics(r)
+        self.td_loss, self.learner_updates, self.replay_size = lm.td_loss, lm.learner_updates, lm.replay_size
+        self.weights_version = lm.weights_version
         self.batch_size = Histogram(
             "lbproxy_inference_batch_size", "Decisions per forward pass", buckets=BATCH_BUCKETS, registry=r
         )

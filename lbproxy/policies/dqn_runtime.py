@@ -25,10 +25,11 @@ from lbproxy.observe import MAX_BACKENDS, ClusterView, feature_dim, learning_wid
 from lbproxy.policies.dqn import DqnPolicy
 from lbproxy.proxy.batched_metrics import BatchedHistogram
 from lbproxy.rl.batcher import InferenceEngine
-from lbproxy.rl.learner_process import ProcessLearner
+from lbproxy.rl.learner_process import LearnerHost, ProcessLearner
 from lbproxy.rl.online import BackgroundLearner
 from lbproxy.rl.reward_join import RewardJoin
 from lbproxy.rl.schedule import EpsilonSchedule
+from lbproxy.rl.shared_replay import Attachment, Layout
 from lbproxy.rl.update_pacer import UpdatePacer
 from lbproxy.telemetry import Metrics
 
@@ -103,7 +104,8 @@ class DqnRuntime:
         if self.batch_sizes is not None:
             self.batch_sizes.flush()
         lrn = self.learner
-        if lrn is not None:
+        if lrn is not None and not (isinstance(lrn, ProcessLearner) and lrn.attached):  # else its process does
+            m.weights_version.set(lrn.version)
             loss = lrn.take_mean_loss()
             if not math.isnan(loss):
                 m.td_loss.set(loss)
@@ -201,19 +203,9 @@ def _devices(settings: Settings) -> tuple[torch.device, torch.device]:
     return device, torch.device("cpu") if settings.device == "auto" else device
 
 
-def _learner(
-    settings: Settings,
-    engine: InferenceEngine,
-    width: int,
-    device: torch.device,
-    init: QNetwork | None,
-    learner_state: dict[str, Any] | None,
-) -> BackgroundLearner | ProcessLearner:
-    """The replay buffer and background learner (thread, or process with --learner-process), its
-    weights from `learner_state`, else `init`, else fresh; the engine starts from the same weights."""
+def _core(settings: Settings, device: torch.device, init: QNetwork | None, learner_state: dict[str, Any] | None) -> Any:
+    """(Learner, DqnConfig): weights from `learner_state`, else `init`, else fresh."""
     from lbproxy.rl.learner import DqnConfig, Learner
-    from lbproxy.rl.network import QNetwork
-    from lbproxy.rl.replay import ReplayBuffer
 
     cfg = DqnConfig.from_settings(settings)
     if init is not None:
@@ -224,27 +216,81 @@ def _learner(
     elif init is not None:
         core.online.load_state_dict(init.state_dict())
         core.target.load_state_dict(init.state_dict())
-    replay = ReplayBuffer(settings.buffer_size, feature_dim(width), width, seed=settings.seed)
+    return core, cfg
+
+
+def _n_params(core: Any) -> int:
+    return sum(v.numel() for v in core.online.state_dict().values())
+
+
+def _pacer(settings: Settings, capacity: int) -> UpdatePacer:
+    return UpdatePacer(
+        settings.updates_per_decision, settings.learning_starts, batch_size=settings.batch_size, capacity=capacity
+    )
+
+
+def shared_learner_host(settings: Settings, n_slots: int, metrics_dir: str, nice: int) -> LearnerHost:
+    """The one learner of `--workers N --online` (lbproxy/workers.py starts it): the served model's
+    weights, a replay of --buffer-size rows split into one segment per worker. Not started."""
+    from lbproxy.rl.shared_replay import Layout
+
+    device, _ = _devices(settings)
+    core, cfg = _core(settings, device, load_serving_model(settings), None)
+    width = learning_width(max(1, len(settings.backends)))
+    layout = Layout(n_slots, max(1, settings.buffer_size // n_slots), feature_dim(width), width, _n_params(core))
+    return LearnerHost(
+        core,
+        cfg,
+        layout,
+        pacer=_pacer(settings, n_slots * layout.slot_capacity),
+        batch_size=settings.batch_size,
+        weight_sync_every=settings.weight_sync_every,
+        device=device,
+        nice=nice,
+        metrics_dir=metrics_dir,
+    )
+
+
+def _learner(
+    settings: Settings,
+    engine: InferenceEngine,
+    width: int,
+    device: torch.device,
+    init: QNetwork | None,
+    learner_state: dict[str, Any] | None,
+    attach: Attachment | None = None,
+) -> BackgroundLearner | ProcessLearner:
+    """The replay buffer and background learner: a thread, a process with --learner-process, or the
+    supervisor's process this worker is `attach`ed to; the engine starts from the learner's weights."""
+    from lbproxy.rl.network import QNetwork
+    from lbproxy.rl.replay import ReplayBuffer
+
+    core, cfg = _core(settings, device, init, learner_state)
+    capacity = attach.layout.slot_capacity if attach is not None else settings.buffer_size
+    replay = ReplayBuffer(capacity, feature_dim(width), width, seed=settings.seed)
+    if attach is not None and (attach.layout.obs_dim, attach.layout.n_actions) != (replay.obs_dim, width):
+        raise ConfigError(f"this worker's state ({replay.obs_dim}, {width}) differs from the shared learner's")
     serving_net = QNetwork(cfg.hidden)
     serving_net.load_state_dict({k: v.detach().cpu() for k, v in core.online.state_dict().items()})
     engine.load_network(serving_net)
-    pacer = UpdatePacer(
-        settings.updates_per_decision,
-        settings.learning_starts,
-        batch_size=settings.batch_size,
-        capacity=replay.capacity,
-    )
-    common: dict[str, Any] = {
-        "pacer": pacer,
-        "batch_size": settings.batch_size,
-        "weight_sync_every": settings.weight_sync_every,
-        "publish": engine.publish,
-        "prepare": engine.prepare,
-        "device": device,
-    }
+    pacer = _pacer(settings, replay.capacity)
+    bs, every, publish, prepare = settings.batch_size, settings.weight_sync_every, engine.publish, engine.prepare
+    if attach is not None:
+        return ProcessLearner(core, replay, attach=attach, publish=publish, prepare=prepare)
     if settings.learner_process:
-        return ProcessLearner(core, replay, cfg=cfg, **common)
-    return BackgroundLearner(core, replay, **common)
+        layout = Layout(1, replay.capacity, replay.obs_dim, width, _n_params(core))
+        host = LearnerHost(core, cfg, layout, pacer=pacer, batch_size=bs, weight_sync_every=every, device=device)
+        return ProcessLearner(core, replay, host=host, publish=publish, prepare=prepare)
+    return BackgroundLearner(
+        core,
+        replay,
+        pacer=pacer,
+        batch_size=bs,
+        weight_sync_every=every,
+        publish=publish,
+        prepare=prepare,
+        device=device,
+    )
 
 
 def _epsilon_schedule(settings: Settings, total_decisions: int | None) -> EpsilonSchedule:
@@ -297,11 +343,13 @@ def create_dqn_runtime(
     epsilon_start_step: int = 0,
     tracker: EpisodeTracker | None = None,
     engine_cls: type[InferenceEngine] = InferenceEngine,
+    attach: Attachment | None = None,
 ) -> DqnRuntime:
     """Build the dqn policy for the proxy. serve (default): greedy, weights from `net`, else
     `settings.model` (or the shipped default), learning only with `--online`. train (`train=True`,
     train/live.py): ε schedule over `total_decisions` from `epsilon_start_step`, weights from
-    `learner_state` (--resume), `net` (--init-model) or fresh. `view` sizes a learning state."""
+    `learner_state` (--resume), `net` (--init-model) or fresh. `view` sizes a learning state. `attach`:
+    a worker of `--workers N --online` feeds the supervisor's learner instead of starting one."""
     is_train = settings.mode == "train" if train is None else train
     learning = is_train or settings.online
     n = view.n if view is not None else max(1, len(settings.backends))
@@ -314,7 +362,7 @@ def create_dqn_runtime(
     engine, batch_sizes = _engine(engine_cls, settings, width, infer_device, metrics)
     learner = join = schedule = None
     if learning:
-        learner = _learner(settings, engine, width, device, net, learner_state)
+        learner = _learner(settings, engine, width, device, net, learner_state, attach)
         join = RewardJoin(width, settings.error_penalty, bootstrap=settings.gamma > 0.0, sink=learner.add_transitions)
         schedule = _epsilon_schedule(settings, total_decisions if is_train else None)
     else:

@@ -1,9 +1,15 @@
-"""The background learner in a separate process (`--learner-process`): no GIL shared with the loop.
+"""The background learner in a separate process: no GIL shared with any event loop.
 
 Same contract as rl/online.py's BackgroundLearner (add_transitions, start, stop, snapshot, error) and
-the same paced loop (`run_paced`, rl/update_pacer.py). The replay lives in shared memory (the loop
-writes rows, the process samples them), weights come back through a double-buffered shared block
-polled every WEIGHT_POLL_S, and checkpoints ask the process for its state over a pipe.
+the same paced loop (`run_paced`, rl/update_pacer.py). The replay lives in shared memory
+(rl/shared_replay.py: one segment per producer; the loops write rows, the process samples them),
+weights come back through a double-buffered shared block polled every WEIGHT_POLL_S, and checkpoints
+ask the process for its state over a pipe.
+
+Who starts it (`LearnerHost`): one proxy with `--learner-process` (its ProcessLearner owns the host;
+one segment), or the supervisor of `--workers N --online` (lbproxy/workers.py; one segment per worker,
+each worker's ProcessLearner attached to its slot). The host's process also writes the learner's
+metrics (updates, loss, replay size, weights version) where the supervisor's /metrics reads them.
 """
 
 from __future__ import annotations
@@ -21,70 +27,44 @@ import numpy as np
 import torch
 
 from lbproxy.rl.online import LEARNER_NICE, run_paced
-from lbproxy.rl.replay import TransitionBatch
+from lbproxy.rl.replay import ReplayBuffer, TransitionBatch
+from lbproxy.rl.shared_replay import (
+    F_LAST_LOSS,
+    F_LOSS_N,
+    F_LOSS_SUM,
+    H_STOP,
+    H_UPDATES,
+    H_VERSION,
+    S_FED,
+    S_POS,
+    S_SIZE,
+    S_VERSION,
+    Attachment,
+    Layout,
+    SegmentedReplay,
+    Shm,
+    attach_segment,
+    detach_segment,
+)
 from lbproxy.rl.update_pacer import UpdatePacer
 
-_REPLAY_FIELDS = ("obs", "actions", "rewards", "next_obs", "next_mask", "dones")
-_H_SIZE, _H_FED, _H_UPDATES, _H_VERSION, _H_STOP = range(5)
-_F_LAST_LOSS, _F_LOSS_SUM, _F_LOSS_N = range(3)
 WEIGHT_POLL_S = 0.05
-"""How often the loop looks for new weights from the learner process (a version counter read)."""
+"""How often a loop looks for new weights from the learner process (a version counter read)."""
 
 
-class _Shm:
-    """Named shared-memory blocks viewed as NumPy arrays; the creator unlinks them."""
-
-    def __init__(self, specs: dict[str, tuple[tuple[int, ...], str]], names: dict[str, str] | None = None) -> None:
-        from multiprocessing import shared_memory
-
-        self.blocks: dict[str, Any] = {}
-        self.arrays: dict[str, np.ndarray] = {}
-        self.owner = names is None
-        for key, (shape, dtype) in specs.items():
-            nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-            if names is None:
-                shm = shared_memory.SharedMemory(create=True, size=nbytes)
-            else:
-                # A spawned child shares its parent's resource tracker, so attaching (which registers
-                # the name again, a set) does not make the child's exit unlink the block.
-                shm = shared_memory.SharedMemory(name=names[key])
-            self.blocks[key] = shm
-            self.arrays[key] = np.ndarray(shape, dtype=dtype, buffer=shm.buf)
-            if names is None:
-                self.arrays[key].fill(0)
-
-    @property
-    def names(self) -> dict[str, str]:
-        return {k: b.name for k, b in self.blocks.items()}
-
-    def close(self) -> None:
-        self.arrays.clear()
-        for b in self.blocks.values():
-            with contextlib.suppress(Exception):
-                b.close()
-            if self.owner:
-                with contextlib.suppress(Exception):
-                    b.unlink()
+def _flat(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
+    return np.concatenate([v.detach().reshape(-1).cpu().numpy() for v in state_dict.values()])
 
 
-def _flat_size(state_dict: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() for v in state_dict.values())
-
-
-def _process_main(
-    conn: Any, names: dict[str, str], specs: dict[str, tuple[tuple[int, ...], str]], boot: dict[str, Any]
-) -> None:
+def _process_main(conn: Any, names: dict[str, str], layout: Layout, boot: dict[str, Any]) -> None:
     """The learner process: samples the shared replay, updates, writes weights to shared memory."""
     from lbproxy.rl.learner import DqnConfig, Learner
-    from lbproxy.rl.replay import ReplayBuffer
 
     torch.set_num_threads(1)
     with contextlib.suppress(OSError):
         os.nice(int(boot["nice"]))
-    shm = _Shm(specs, names)
-    replay = ReplayBuffer(boot["capacity"], boot["obs_dim"], boot["n_actions"], seed=boot["seed"] + 1)
-    for f in _REPLAY_FIELDS:
-        setattr(replay, f, shm.arrays[f])
+    shm = Shm(layout.specs(), names)
+    replay = SegmentedReplay(shm, layout, seed=boot["seed"] + 1)
     learner = Learner(DqnConfig(**boot["cfg"]), device=boot["device"])
     learner.load_state_dict(boot["learner"])
     try:
@@ -97,17 +77,32 @@ def _process_main(
         shm.close()
 
 
-def _learn(conn: Any, shm: _Shm, replay: Any, learner: Any, boot: dict[str, Any]) -> None:
-    """The learner process's loop: update at the pace the loop's transitions allow, until told to stop."""
-    head, stats, weights = shm.arrays["head"], shm.arrays["stats"], shm.arrays["weights"]
+def _learner_metrics(metrics_dir: str | None) -> Any:
+    """The learner's metrics in the workers' PROMETHEUS_MULTIPROC_DIR (None: its host reports them)."""
+    if metrics_dir is None:
+        return None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from prometheus_client import CollectorRegistry, values
+
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # mmap files from here on
+    from lbproxy.telemetry import LearnerMetrics
+
+    return LearnerMetrics(CollectorRegistry())
+
+
+def _learn(conn: Any, shm: Shm, replay: SegmentedReplay, learner: Any, boot: dict[str, Any]) -> None:
+    """The learner process's loop: update at the pace the producers' transitions allow, until told to stop."""
+    head, slots, stats, weights = (shm.arrays[k] for k in ("head", "slots", "stats", "weights"))
     bs, every = boot["batch_size"], boot["weight_sync_every"]
     p = boot["pacer"]
-    pacer = UpdatePacer(p["ratio"], p["learning_starts"], batch_size=bs, capacity=boot["capacity"])
+    pacer = UpdatePacer(p["ratio"], p["learning_starts"], batch_size=bs, capacity=replay.flat.capacity)
+    metrics = _learner_metrics(boot["metrics_dir"])
     updates = 0
+    published = {"updates": 0, "loss_sum": 0.0}
 
     def stopped() -> bool:
         """Told to stop (the stop flag or a message); answers a snapshot request meanwhile."""
-        if head[_H_STOP]:
+        if head[H_STOP]:
             return True
         while conn.poll(0):
             msg = conn.recv()
@@ -117,76 +112,55 @@ def _learn(conn: Any, shm: _Shm, replay: Any, learner: Any, boot: dict[str, Any]
                 conn.send(dict(learner.state_dict().items()))
         return False
 
-    def replay_size() -> int:
-        replay.size = int(head[_H_SIZE])
-        return int(replay.size)
-
     def update() -> None:
         nonlocal updates
         loss = float(learner.update(replay.sample(bs, learner.device)))
         updates += 1
-        head[_H_UPDATES] = updates
-        stats[_F_LAST_LOSS] = loss
-        stats[_F_LOSS_SUM] += loss
-        stats[_F_LOSS_N] += 1
+        head[H_UPDATES] = updates
+        stats[F_LAST_LOSS] = loss
+        stats[F_LOSS_SUM] += loss
+        stats[F_LOSS_N] += 1
         if updates % every == 0:
-            # Double buffer: write the slot the reader is not on, then bump the version.
-            version = int(head[_H_VERSION]) + 1
-            slot = weights[version % 2]
-            off = 0
-            for v in learner.online.state_dict().values():
-                n = v.numel()
-                slot[off : off + n] = v.detach().reshape(-1).cpu().numpy()
-                off += n
-            head[_H_VERSION] = version
+            # Double buffer: write the slot the readers are not on, then bump the version.
+            version = int(head[H_VERSION]) + 1
+            weights[version % 2] = _flat(learner.online.state_dict())
+            head[H_VERSION] = version
+            if metrics is not None:
+                n, s = updates - published["updates"], float(stats[F_LOSS_SUM]) - published["loss_sum"]
+                metrics.published(n, s / n, replay.flat.size, version)
+                published.update(updates=updates, loss_sum=float(stats[F_LOSS_SUM]))
 
     run_paced(
-        pacer, stopped=stopped, fed=lambda: int(head[_H_FED]), replay_size=replay_size, update=update, sleep=time.sleep
+        pacer,
+        stopped=stopped,
+        fed=lambda: int(slots[:, S_FED].sum()),
+        replay_size=replay.size,
+        update=update,
+        sleep=time.sleep,
     )
 
 
-class ProcessLearner:
-    """The learner process's handle on the loop side (the module docstring says how it works).
-
-    A sample may rarely read a row the loop is overwriting after the ring wrapped (no cross-process
-    lock on the hot path); one torn transition in a 128-row minibatch is noise to SGD.
-    """
+class LearnerHost:
+    """Starts the learner process and owns its shared memory (the module docstring says who holds it)."""
 
     def __init__(
         self,
         core: Any,
-        replay: Any,
-        *,
         cfg: Any,
+        layout: Layout,
+        *,
         pacer: UpdatePacer,
         batch_size: int,
         weight_sync_every: int,
-        publish: Callable[[Any], Any],
-        prepare: Callable[[dict[str, torch.Tensor]], Any],
         device: torch.device | str = "cpu",
         nice: int = LEARNER_NICE,
+        metrics_dir: str | None = None,
     ) -> None:
         self.core = core
-        self.replay = replay
-        self.publish = publish
-        self.prepare = prepare
-        self.error: BaseException | None = None
-        self._template = {k: v.detach().cpu().clone() for k, v in core.online.state_dict().items()}
-        n_params = _flat_size(self._template)
-        specs: dict[str, tuple[tuple[int, ...], str]] = {
-            f: ((replay.capacity, *getattr(replay, f).shape[1:]), str(getattr(replay, f).dtype)) for f in _REPLAY_FIELDS
-        }
-        specs.update({"head": ((8,), "int64"), "stats": ((4,), "float64"), "weights": ((2, n_params), "float32")})
-        self._specs = specs
-        self._shm = _Shm(specs)
-        for f in _REPLAY_FIELDS:  # the loop's ReplayBuffer now writes straight into shared memory
-            setattr(replay, f, self._shm.arrays[f])
-        self._head = self._shm.arrays["head"]
-        self._stats = self._shm.arrays["stats"]
-        self._boot = {
-            "capacity": replay.capacity,
-            "obs_dim": replay.obs_dim,
-            "n_actions": replay.n_actions,
+        self.layout = layout
+        self.shm = Shm(layout.specs())
+        self.shm.arrays["weights"][0] = _flat(core.online.state_dict())  # version 0: what every loop starts on
+        self.boot = {
             "seed": int(getattr(cfg, "seed", 0)),
             "cfg": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
             "device": str(device),
@@ -194,48 +168,165 @@ class ProcessLearner:
             "batch_size": batch_size,
             "weight_sync_every": weight_sync_every,
             "nice": nice,
+            "metrics_dir": metrics_dir,
         }
-        self.base_updates = int(core.updates)
-        self.fed = 0
-        self._seen_version = 0
         self._last: dict[str, Any] | None = None
         """The last state the process sent (what a snapshot returns once it has died)."""
-        self._loss_n_seen = 0.0
-        self._loss_sum_seen = 0.0
         self._proc: Any = None
         self._conn: Any = None
-        self._poll: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self.failed: str | None = None
+        """The one line of a process that failed while answering a snapshot."""
+
+    def start(self) -> None:
+        import multiprocessing
+
+        if self._proc is not None:
+            return
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+        parent, child = ctx.Pipe()
+        boot = dict(self.boot, learner={k: v for k, v in self.core.state_dict().items()})
+        self._proc = ctx.Process(target=_process_main, args=(child, self.shm.names, self.layout, boot), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def failure(self) -> str | None:
+        """Why the process ended, once it has (None while it runs, or while a snapshot holds the pipe:
+        never wait on a loop). The one line it sent before exiting, else its exit code (-9: killed)."""
+        if self._proc is None or self._proc.is_alive() or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            with contextlib.suppress(Exception):
+                while self._conn is not None and self._conn.poll(0):
+                    msg = self._conn.recv()
+                    if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "error":
+                        return f"learner process failed: {msg[1]}"
+            return f"learner process exited with code {self._proc.exitcode}"
+        finally:
+            self._lock.release()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The learner process's state (call off the loop: it waits for the reply). When the process
+        failed meanwhile, `failed` gets its one line and the last state it sent is the answer."""
+        with self._lock:
+            if self._conn is None or not self.alive:
+                return copy.deepcopy(self._last if self._last is not None else self.core.state_dict())
+            try:
+                self._conn.send("snapshot")
+                state = self._conn.recv()
+            except (EOFError, OSError):  # died while answering: the last state it sent is what there is
+                state = ("error", f"exited with code {self._proc.exitcode}")
+            if not isinstance(state, dict):  # ("error", line): the process failed meanwhile
+                self.failed = f"learner process failed: {state[1]}"
+                return copy.deepcopy(self._last if self._last is not None else self.core.state_dict())
+            self._last = state
+            return dict(state)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._proc is not None:
+            self.shm.arrays["head"][H_STOP] = 1
+            self._proc.join(timeout_s)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        """Unlink the shared memory (after stop, and after every loop attached to it let go)."""
+        self.shm.close()
+
+    def describe(self) -> dict[str, Any]:
+        """For the admin JSON: the process, its updates and weights version, and per slot its fed count
+        and the weights version its loop serves."""
+        head, slots = self.shm.arrays["head"], self.shm.arrays["slots"]
+        return {
+            "pid": self.pid,
+            "running": self.alive,
+            "updates": int(head[H_UPDATES]),
+            "weights_version": int(head[H_VERSION]),
+            "replay_size": int(slots[:, S_SIZE].sum()),
+            "fed_per_slot": [int(x) for x in slots[:, S_FED]],
+            "version_per_slot": [int(x) for x in slots[:, S_VERSION]],
+        }
+
+
+class ProcessLearner:
+    """A loop's handle on the learner process: it owns the process (`host`: one proxy) or is attached to
+    slot `attach.slot` of the supervisor's (`--workers N`). Either way its ReplayBuffer writes its own
+    segment and the loop polls the weights version."""
+
+    def __init__(
+        self,
+        core: Any,
+        replay: ReplayBuffer,
+        *,
+        publish: Callable[[Any], Any],
+        prepare: Callable[[dict[str, torch.Tensor]], Any],
+        host: LearnerHost | None = None,
+        attach: Attachment | None = None,
+    ) -> None:
+        assert (host is None) != (attach is None)
+        self.core = core
+        self.replay = replay
+        self.publish = publish
+        self.prepare = prepare
+        self.host = host
+        self.error: BaseException | None = None
+        self._template = {k: v.detach().cpu().clone() for k, v in core.online.state_dict().items()}
+        if host is not None:
+            self._shm, self.slot = host.shm, 0
+        else:
+            assert attach is not None
+            self._shm, self.slot = Shm(attach.layout.specs(), attach.names, untrack=True), attach.slot
+        self.fed = attach_segment(replay, self._shm, self.slot)
+        self._head = self._shm.arrays["head"]
+        self._stats = self._shm.arrays["stats"]
+        self._row = self._shm.arrays["slots"][self.slot]
+        self.base_updates = int(core.updates) if host is not None else 0
+        self._seen_version = 0
+        self._loss_n_seen = 0.0
+        self._loss_sum_seen = 0.0
+        self._poll: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def attached(self) -> bool:
+        """Fed into the supervisor's learner, which reports the learner's metrics itself."""
+        return self.host is None
 
     # --- loop side ----------------------------------------------------------------------------------
     def add_transitions(self, batch: TransitionBatch) -> None:
         self.replay.add_batch(batch)
         self.fed += batch.obs.shape[0]
-        head = self._head
-        head[_H_SIZE] = self.replay.size
-        head[_H_FED] = self.fed
+        row = self._row
+        row[S_POS] = self.replay.pos
+        row[S_SIZE] = self.replay.size  # before fed: the learner reads fed first (UpdatePacer's contract)
+        row[S_FED] = self.fed
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        import multiprocessing
-
-        if self._proc is not None:
+        if self._poll is not None:
             return
         self._loop = loop or asyncio.get_running_loop()
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-        parent, child = ctx.Pipe()
-        boot = dict(self._boot, learner={k: v for k, v in self.core.state_dict().items()})
-        self._proc = ctx.Process(target=_process_main, args=(child, self._shm.names, self._specs, boot), daemon=True)
-        self._proc.start()
-        child.close()
-        self._conn = parent
-        self._poll = self._loop.call_later(WEIGHT_POLL_S, self._poll_weights)
+        if self.host is not None:
+            self.host.start()
+        self._poll = self._loop.call_soon(self._poll_weights)  # a restarted worker takes the latest at once
 
     def _poll_weights(self) -> None:
-        version = int(self._head[_H_VERSION])
+        version = int(self._head[H_VERSION])
         if version != self._seen_version:
             flat = self._shm.arrays["weights"][version % 2].copy()
-            if int(self._head[_H_VERSION]) - version < 2:  # not overwritten while we copied
+            if int(self._head[H_VERSION]) - version < 2:  # not overwritten while we copied
                 sd: dict[str, torch.Tensor] = {}
                 off = 0
                 for k, v in self._template.items():
@@ -244,61 +335,45 @@ class ProcessLearner:
                     off += n
                 self.publish(self.prepare(sd))
                 self._seen_version = version
-        dead = self._proc is not None and not self._proc.is_alive() and self.error is None
-        # Never wait on the loop: a checkpoint's snapshot() may hold the pipe; then try the next poll.
-        if dead and self._lock.acquire(blocking=False):
-            try:
-                if self.error is None:
-                    self.error = RuntimeError(self._exit_reason())
-            finally:
-                self._lock.release()
-        if self._loop is not None and self._proc is not None:
+                self._row[S_VERSION] = version
+        if self.host is not None and self.error is None and (why := self.host.failure()) is not None:
+            self.error = RuntimeError(why)
+        if self._loop is not None:
             self._poll = self._loop.call_later(WEIGHT_POLL_S, self._poll_weights)
-
-    def _exit_reason(self) -> str:
-        """Why the learner process ended: the one line it sent before exiting, else its exit code
-        (e.g. -9: killed, by the OOM killer or an operator)."""
-        conn = self._conn
-        with contextlib.suppress(Exception):
-            while conn is not None and conn.poll(0):
-                msg = conn.recv()
-                if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "error":
-                    return f"learner process failed: {msg[1]}"
-        assert self._proc is not None
-        return f"learner process exited with code {self._proc.exitcode}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._poll is not None:
             self._poll.cancel()
             self._poll = None
-        if self._proc is not None:
+        self._loop = None
+        if self.host is not None:
             with contextlib.suppress(Exception):  # keep the final state for the last checkpoint
                 self.snapshot()
-            self._head[_H_STOP] = 1
-            self._proc.join(timeout_s)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join()
-            self._proc = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            self.host.stop(timeout_s)
 
     def close(self) -> None:
         """Release the shared memory (after stop; the replay arrays become private copies again)."""
-        for f in _REPLAY_FIELDS:
-            setattr(self.replay, f, np.array(self._shm.arrays[f]))
+        detach_segment(self.replay, self._shm)
         self._head = np.zeros(8, np.int64)
         self._stats = np.zeros(4, np.float64)
-        self._shm.close()
+        self._row = np.zeros(4, np.int64)
+        if self.host is not None:
+            self.host.close()
+        else:
+            self._shm.close()
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self.host.alive if self.host is not None else self._poll is not None
 
     @property
     def updates(self) -> int:
-        return int(self._head[_H_UPDATES])
+        return int(self._head[H_UPDATES])
+
+    @property
+    def version(self) -> int:
+        """Weights the learner process published so far."""
+        return int(self._head[H_VERSION])
 
     @property
     def total_updates(self) -> int:
@@ -306,30 +381,20 @@ class ProcessLearner:
 
     @property
     def last_loss(self) -> float:
-        return float(self._stats[_F_LAST_LOSS]) if self.updates else float("nan")
+        return float(self._stats[F_LAST_LOSS]) if self.updates else float("nan")
 
     def take_mean_loss(self) -> float:
-        s, n = float(self._stats[_F_LOSS_SUM]), float(self._stats[_F_LOSS_N])
+        s, n = float(self._stats[F_LOSS_SUM]), float(self._stats[F_LOSS_N])
         ds, dn = s - self._loss_sum_seen, n - self._loss_n_seen
         self._loss_sum_seen, self._loss_n_seen = s, n
         return ds / dn if dn > 0 else float("nan")
 
     def snapshot(self) -> dict[str, Any]:
-        """The learner process's state (call off the loop: it waits for the reply)."""
-        with self._lock:
-            if self._conn is None or not self.running:
-                return copy.deepcopy(self._last_snapshot_or_core())
-            try:
-                self._conn.send("snapshot")
-                state = self._conn.recv()
-            except (EOFError, OSError):  # died while answering: the last state it sent is what there is
-                state = ("error", f"exited with code {self._proc.exitcode if self._proc is not None else '?'}")
-            if not isinstance(state, dict):  # ("error", line): the process failed meanwhile
-                if self.error is None:
-                    self.error = RuntimeError(f"learner process failed: {state[1]}")
-                return copy.deepcopy(self._last_snapshot_or_core())
-            self._last = state
-            return dict(state)
-
-    def _last_snapshot_or_core(self) -> dict[str, Any]:
-        return self._last if self._last is not None else self.core.state_dict()
+        """The learner process's state (call off the loop: it waits for the reply). Attached: the
+        supervisor's learner is checkpointed by its host, a worker has only its starting state."""
+        if self.host is None:
+            return copy.deepcopy(self.core.state_dict())
+        state = self.host.snapshot()
+        if self.host.failed is not None and self.error is None:
+            self.error = RuntimeError(self.host.failed)
+        return state

@@ -101,6 +101,8 @@ class BackgroundLearner:
         self.device = device
         self.fed = 0  # written by the loop thread only
         self.updates = 0
+        self.version = 0
+        """Weights published so far (the loop's engine counts its own swaps)."""
         self.last_loss = float("nan")
         self._loss_sum = 0.0
         self._loss_n = 0
@@ -188,6 +190,7 @@ class BackgroundLearner:
         with torch.no_grad():
             sd = {k: v.detach().to("cpu").clone() for k, v in self.learner.online.state_dict().items()}
         weights = self.prepare(sd) if self.prepare is not None else sd
+        self.version += 1
         loop = self._loop
         if loop is None or loop.is_closed():
             return

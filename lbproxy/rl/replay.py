@@ -117,12 +117,20 @@ class ReplayBuffer:
             self.size = min(self.capacity, self.size + k)
 
     def sample(self, batch_size: int, device: torch.device | str = "cpu") -> ReplaySamples:
-        """Uniform minibatch. The gather (fancy indexing copies) happens under the lock; the tensor
-        conversion and device transfer happen outside it."""
+        """Uniform minibatch over the rows written so far."""
+        return self.gather(self.draw(batch_size), device)
+
+    def draw(self, batch_size: int) -> np.ndarray:
+        """`batch_size` uniform row indices in [0, size), with replacement."""
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay buffer; add transitions first")
         with self._lock:
-            if self.size == 0:
-                raise ValueError("cannot sample from an empty replay buffer; add transitions first")
-            idx = self._rng.integers(0, self.size, size=batch_size)
+            return self._rng.integers(0, self.size, size=batch_size)
+
+    def gather(self, idx: np.ndarray, device: torch.device | str = "cpu") -> ReplaySamples:
+        """The rows `idx` as tensors on `device`. The gather (fancy indexing copies) happens under the
+        lock; the tensor conversion and device transfer happen outside it."""
+        with self._lock:
             obs = self.obs[idx]
             actions = self.actions[idx]
             rewards = self.rewards[idx]
