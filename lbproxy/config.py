@@ -70,8 +70,8 @@ class Settings(BaseSettings):
         1,
         description="Proxy processes accepting on the one port (SO_REUSEPORT), each with its own event loop, "
         "pool view and inline inference; `auto` = the CPUs this process may run on. Above 1, a supervisor "
-        "restarts workers that die and owns the one admin listener (lbproxy/workers.py). --online and "
-        "--mode train need 1 for now.",
+        "restarts workers that die and owns the one admin listener (lbproxy/workers.py); with --online every "
+        "worker feeds one learner process. --mode train needs 1 for now.",
     )
     admin_host: str = Field(
         "127.0.0.1",
@@ -291,7 +291,8 @@ class Settings(BaseSettings):
     learner_process: bool = Field(
         False,
         description="Run live learner updates in a separate process (shared-memory replay) instead of a "
-        "thread; see benchmarks/results/dqn_proxy.md for which keeps throughput higher.",
+        "thread; see benchmarks/results/dqn_proxy.md for which keeps throughput higher. With --workers above 1 "
+        "the one learner is always a process.",
     )
     actors: int = Field(
         0,
@@ -377,10 +378,10 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
                 f"not {settings.policy!r}; drop --model or use --policy dqn"
             )
         settings.policy = "dqn"
-    if settings.workers > 1 and (settings.mode == "train" or settings.online):
-        # One learner fed by every worker is issue 12 item 2; until then N learners would diverge.
-        what = "--mode train" if settings.mode == "train" else "--online"
-        raise ConfigError(f"{what} needs --workers 1 for now (issue 12 item 2)")
+    if settings.workers > 1 and settings.mode == "train":
+        # --online feeds one learner from every worker (lbproxy/workers.py); live training's episodes,
+        # CSV rows and checkpoints are still one process's.
+        raise ConfigError("--mode train needs --workers 1 for now (issue 12 item 2)")
     if settings.cluster_file is not None and not settings.backends:
         settings.backends = backends_from_cluster_file(settings.cluster_file)
     if settings.actors and settings.mode == "train" and settings.train_env == "live":

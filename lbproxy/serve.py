@@ -23,6 +23,7 @@ from lbproxy.telemetry import Metrics
 
 if TYPE_CHECKING:
     from lbproxy.proxy import ProxyServer
+    from lbproxy.rl.shared_replay import Attachment
     from lbproxy.worker_process import WorkerLink
 
 DRAIN_TIMEOUT_S = 10.0
@@ -56,14 +57,16 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-def build_policy(settings: Settings, metrics: Metrics) -> tuple[Any, list[Any], list[Any]]:
+def build_policy(
+    settings: Settings, metrics: Metrics, attach: Attachment | None = None
+) -> tuple[Any, list[Any], list[Any]]:
     """The policy object, the lifespans it needs (the DQN's learner/gauges) and its admin routes
-    (the DQN's POST /admin/model); heuristics need neither."""
+    (the DQN's POST /admin/model); heuristics need neither. `attach`: the supervisor's learner."""
     if settings.policy == "dqn":
         from lbproxy.policies.dqn_runtime import create_dqn_runtime
         from lbproxy.proxy.admin import model_routes
 
-        rt = create_dqn_runtime(settings, None, metrics)
+        rt = create_dqn_runtime(settings, None, metrics, attach=attach)
         return rt.policy, [rt.lifespan], model_routes(rt.reload_model if rt.learner is None else None)
     from lbproxy.policies import make_policy
 
@@ -79,14 +82,14 @@ def check_serve_settings(settings: Settings) -> None:
     admin_token(settings)
 
 
-def build_server(settings: Settings, metrics: Metrics) -> ProxyServer:
+def build_server(settings: Settings, metrics: Metrics, attach: Attachment | None = None) -> ProxyServer:
     """The serve-mode ProxyServer (not started): its policy with the policy's lifespans and admin routes.
     ConfigError (one line) for no backends or an exposed admin listener without a token, checked
     before a model is loaded."""
     from lbproxy.proxy import ProxyServer
 
     check_serve_settings(settings)
-    policy, lifespans, routes = build_policy(settings, metrics)
+    policy, lifespans, routes = build_policy(settings, metrics, attach)
     server = ProxyServer(settings, policy, metrics)
     server.lifespans.extend(lifespans)
     server.admin_routes.extend(routes)
@@ -99,7 +102,7 @@ async def serve(settings: Settings, link: WorkerLink | None = None) -> int:
     is gone."""
     if settings.access_log:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = build_server(settings, Metrics())
+    server = build_server(settings, Metrics(), link.learner if link is not None else None)
     server.reuse_port = link is not None
     await server.start(None if link is None else lambda: link.admitted(server))
     tune_gc()

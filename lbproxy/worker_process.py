@@ -2,8 +2,9 @@
 supervisor (lbproxy/workers.py, which describes the control protocol), and its end of the control socket.
 
 The worker is a full serve-mode proxy (lbproxy/serve.py `serve(settings, link)` drives the link): it
-reads its settings from the socket, reports its private admin port, waits for "go", reports the data
-port it serves, and drains when the socket reaches EOF.
+reads its settings (and, with `--online`, its slot of the supervisor's learner) from the socket,
+reports its private admin port, waits for "go", reports the data port it serves, and drains when the
+socket reaches EOF.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lbproxy.proxy import ProxyServer
+    from lbproxy.rl.shared_replay import Attachment
 
 
 class SupervisorGone(Exception):
@@ -32,15 +34,23 @@ class WorkerLink:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.learner: Attachment | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._watch: asyncio.Task[None] | None = None
 
     def read_settings(self) -> Settings | None:
-        """The settings line (blocking, before any loop runs); None when the supervisor is gone."""
+        """The settings line (blocking, before any loop runs); None when the supervisor is gone. It also
+        says which slot of the supervisor's learner this worker feeds (`learner`), when there is one."""
+        from lbproxy.rl.shared_replay import Attachment
+
         with self.sock.makefile("rb") as fh:  # closing the file leaves the socket open
             line = fh.readline()
-        return Settings.model_validate(json.loads(line)) if line else None
+        if not line:
+            return None
+        msg = json.loads(line)
+        self.learner = Attachment.from_json(msg["learner"]) if msg.get("learner") else None
+        return Settings.model_validate(msg["settings"])
 
     async def admitted(self, server: ProxyServer) -> None:
         """`ProxyServer.start(before_accepting=...)`: report the admin port, wait for "go" (the

@@ -17,13 +17,17 @@ inference and active health checks; passive outlier detection judges each worker
 nginx and HAProxy workers without a shared memory zone do). Metrics: lbproxy/telemetry.py.
 
 Control. Each worker holds one end of a socketpair. The supervisor sends the settings as one JSON line
-(so an admin token never shows in `ps` or the environment), the worker answers with its private
+(so an admin token never shows in `ps` or the environment; with --online also the names of the
+learner's shared-memory blocks and the worker's slot in them), the worker answers with its private
 loopback admin port, the supervisor replays the admin changes made so far through that port and says
 "go", the worker binds the data port and reports "serving". EOF means the other side is gone: a worker
 whose supervisor died drains and exits; a worker's EOF tells the supervisor it died (restarted after a
 back-off when it keeps dying early, counted in lbproxy_worker_restarts_total, logged).
 
 Admin: one public listener for the whole proxy (lbproxy/proxy/admin_workers.py).
+
+Learning (`--online`): ONE learner process fed by every worker, started before the workers and stopped
+after they drained (lbproxy/shared_learner.py). Live training (`--mode train`) still needs one worker.
 
 Stop. SIGTERM/SIGINT to the supervisor: /readyz answers 503, every worker is told to drain (EOF), stops
 accepting, finishes its requests in flight (serve.DRAIN_TIMEOUT_S) and exits 0; the supervisor exits 0
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from lbproxy.proxy.admin_workers import AdminChanges
+    from lbproxy.shared_learner import SharedLearner
 
 STOP_GRACE_S = 5.0
 """A draining worker gets serve.DRAIN_TIMEOUT_S plus this to exit before it is killed; a worker whose
@@ -166,6 +171,8 @@ class Supervisor:
         self._failed: int | None = None
         """Exit status when a worker of the first generation could not start."""
         self._clean = True
+        self.learner: SharedLearner | None = None
+        """The one learner every worker feeds with --online (lbproxy/shared_learner.py), made by `run`."""
 
     @property
     def live(self) -> list[Worker]:
@@ -176,10 +183,11 @@ class Supervisor:
         return [w for w in self.workers if w is not None and w.serving]
 
     # --- one worker -----------------------------------------------------------------------------------
-    def _worker_settings(self) -> bytes:
+    def _worker_settings(self, index: int) -> bytes:
         data = self.settings.model_dump(mode="json")
         data.update(admin_token=self.settings.admin_token, admin_host="127.0.0.1", admin_port=0, port=self.port)
-        return json.dumps(data).encode() + b"\n"
+        attach = None if self.learner is None else self.learner.attachment(index).to_json()
+        return json.dumps({"settings": data, "learner": attach}).encode() + b"\n"
 
     async def _run_worker(self, index: int) -> Worker:
         """Start worker `index`, admit it, and return once its process has exited."""
@@ -193,12 +201,14 @@ class Supervisor:
                 env=env,
                 process_group=0,
             )
+            if self.learner is not None and self.learner.worker_cpus:
+                os.sched_setaffinity(popen.pid, self.learner.worker_cpus)
         finally:
             child.close()
         w = self.workers[index] = Worker(index, popen, time.monotonic())
         reader, w.writer = await asyncio.open_unix_connection(sock=parent)
         try:
-            w.writer.write(self._worker_settings())
+            w.writer.write(self._worker_settings(index))
             hello = json.loads(await reader.readline() or b"{}")
             if "error" in hello:
                 w.error = str(hello["error"])
@@ -295,6 +305,10 @@ class Supervisor:
         runner: web.AppRunner | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
+            if self.settings.online and self.settings.policy == "dqn":
+                from lbproxy.shared_learner import SharedLearner
+
+                self.learner = await SharedLearner.start(self.settings, self.n, self.metrics_dir)
             runner, self.admin_port = await start_admin(self)
             self.session = aiohttp.ClientSession(trust_env=False)
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -319,6 +333,8 @@ class Supervisor:
             if runner is not None:
                 await runner.cleanup()
             holder.close()
+            if self.learner is not None:
+                await self.learner.stop()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     async def _stop(self, tasks: list[asyncio.Task[None]]) -> int:

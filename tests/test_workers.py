@@ -1,7 +1,8 @@
 """`--workers N` on real processes (lbproxy/workers.py, lbproxy/proxy/admin_workers.py): two workers on one
 port both take connections, the one admin listener adds their metrics up exactly and its changes reach
 both, a SIGKILLed worker is restarted, counted and given the admin changes made before it started, SIGTERM
-drains every worker and the whole tree exits 0, and learning with workers is refused in one line."""
+drains every worker and the whole tree exits 0, and live training with workers is refused in one line
+(--online with workers: tests/test_shared_learner.py)."""
 
 from __future__ import annotations
 
@@ -211,10 +212,9 @@ def test_sigterm_drains_every_worker_and_the_tree_exits_zero() -> None:
         slow.stop()
 
 
-@pytest.mark.parametrize("extra", [["--online"], ["--mode", "train", "--env", "live"]])
-def test_learning_with_workers_is_refused_in_one_line(extra: list[str]) -> None:
+def test_live_training_with_workers_is_refused_in_one_line() -> None:
+    extra = ["--mode", "train", "--env", "live"]
     argv = [sys.executable, "-m", "lbproxy", "--workers", "2", "--backends", "http://127.0.0.1:9", *extra]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    what = "--online" if "--online" in extra else "--mode train"
-    assert result.stderr == f"lbproxy: {what} needs --workers 1 for now (issue 12 item 2)\n"
+    assert result.stderr == "lbproxy: --mode train needs --workers 1 for now (issue 12 item 2)\n"

@@ -9,7 +9,8 @@ loopback port. This app runs in the supervisor and is the only one operators and
   (lbproxy_worker_restarts_total, lbproxy_workers).
 - GET /admin/backends: each worker's state under `per_worker` (with its pid) and, under `backends`,
   one row per backend: requests, in-flight and ejections summed, `available` when every worker has
-  it available (`available_in_workers` says how many do).
+  it available (`available_in_workers` says how many do); with --online, `learner`: the one learner's
+  updates, weights version and, per worker slot, the transitions it fed and the weights version it serves.
 - GET /healthz: the supervisor is up. GET /readyz: 200 while a worker is ready and no stop is under way.
 - Every other request (POST/DELETE /admin/backends, POST /admin/model, ...): forwarded unchanged to
   every worker, one after the other. The first worker judges it (input and admin token: admin.py);
@@ -223,7 +224,10 @@ async def list_backends(request: web.Request) -> web.Response:
     states = [(w, a) for w, a in await _gather(sup, "/admin/backends") if a.ok]
     if not states:
         return _unavailable().response()
-    return json_response(merge_states([(w, json.loads(a.body)) for w, a in states]))
+    doc = merge_states([(w, json.loads(a.body)) for w, a in states])
+    if sup.learner is not None:
+        doc["learner"] = sup.learner.describe()
+    return json_response(doc)
 
 
 async def forward(request: web.Request) -> web.Response:

@@ -1,0 +1,76 @@
+"""The one learner of `--workers N --online`, as the supervisor (lbproxy/workers.py) holds it.
+
+ONE learner process (lbproxy/rl/learner_process.py `LearnerHost`), started before the workers and
+stopped after they drained. Its replay is one shared-memory segment per worker slot
+(lbproxy/rl/shared_replay.py); the control line tells each worker the blocks' names and its slot (its
+index), so a restarted worker writes on in its predecessor's segment. Every worker polls the weights
+version between loop iterations and swaps the new weights in. The learner gets a core of its own when
+there are more CPUs than workers (the workers are pinned to the others), else it runs on theirs at
+LEARNER_NICE, so routing comes first. Its metrics go to the workers' PROMETHEUS_MULTIPROC_DIR; its
+state is under `learner` in the supervisor's GET /admin/backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from lbproxy.config import Settings
+from lbproxy.rl.learner_process import LearnerHost
+from lbproxy.rl.shared_replay import Attachment
+
+log = logging.getLogger("lbproxy")
+
+
+class SharedLearner:
+    """The supervisor's learner: its host, where it runs, and the watch that reports its death once."""
+
+    def __init__(self, host: LearnerHost, metrics_dir: Path, worker_cpus: set[int]) -> None:
+        self.host = host
+        self.metrics_dir = metrics_dir
+        self.worker_cpus = worker_cpus
+        """The CPUs left to the workers when the learner has one of its own; empty: no pinning."""
+        self._watch: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings, n_workers: int, metrics_dir: Path) -> SharedLearner:
+        """Load the served model, make the blocks and start the process (ConfigError: one line)."""
+        from lbproxy.policies.dqn_runtime import shared_learner_host
+        from lbproxy.rl.online import LEARNER_NICE
+
+        cpus = sorted(os.sched_getaffinity(0))
+        own_core = len(cpus) > n_workers
+        nice = 0 if own_core else LEARNER_NICE
+        host = await asyncio.to_thread(shared_learner_host, settings, n_workers, str(metrics_dir), nice)
+        host.start()
+        self = cls(host, metrics_dir, set(cpus[:-1]) if own_core else set())
+        if own_core and host.pid is not None:
+            os.sched_setaffinity(host.pid, {cpus[-1]})
+        self._watch = asyncio.get_running_loop().create_task(self._report_death())
+        return self
+
+    def attachment(self, slot: int) -> Attachment:
+        return Attachment(self.host.shm.names, self.host.layout, slot)
+
+    def describe(self) -> dict[str, Any]:
+        return self.host.describe()
+
+    async def _report_death(self) -> None:
+        while (why := self.host.failure()) is None:
+            await asyncio.sleep(1.0)
+        log.warning("lbproxy: %s; the workers route on with the last published weights, learning stops", why)
+
+    async def stop(self) -> None:
+        """After the workers let go of its blocks: stop the process, drop its metrics, unlink the blocks."""
+        from prometheus_client import multiprocess
+
+        if self._watch is not None:
+            self._watch.cancel()
+        pid = self.host.pid
+        await asyncio.to_thread(self.host.stop)
+        self.host.close()
+        if pid is not None:
+            multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
