@@ -1,16 +1,20 @@
 """Simulator training on Ray (`--actors N`, lbproxy/train/ray_sim.py): a 2-actor run through the CLI
 writes the single-process layout, a split run resumes to the same weights, another actor count is
-refused, and without Ray `--actors` is one line.
+refused, Ctrl-C checkpoints and takes the command's local Ray with it, and without Ray `--actors` is
+one line.
 
-One local Ray serves the module (the trainer keeps a session it did not start); the runs go through
-`lbproxy.cli.main` in this process, so each pays its actors' start-up but not Ray's."""
+One local Ray serves most of the module (the trainer keeps a session it did not start): those runs go
+through `lbproxy.cli.main` in this process and share Ray's worker processes, so only the first pays
+their start-up. The Ctrl-C test runs the command in a subprocess, with its own local Ray."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +28,11 @@ from test_train import TINY, csv_rows, final_weights  # noqa: E402
 
 from lbproxy.cli import main  # noqa: E402
 from lbproxy.config import ConfigError, load_settings  # noqa: E402
-from lbproxy.rl.checkpoint import load_checkpoint, load_model  # noqa: E402
+from lbproxy.rl.checkpoint import latest_checkpoint, load_checkpoint, load_model  # noqa: E402
 from lbproxy.train.ray_sim import RAY_MISSING  # noqa: E402
 from lbproxy.train.sim import EXIT_INTERRUPTED, RAY_TRAIN_FORMAT, run_train_sim  # noqa: E402
 
-pytestmark = pytest.mark.slow  # each run starts two actor processes (~3 s of imports here)
+pytestmark = pytest.mark.slow  # Ray's start-up: ~25 s for the module on an idle 2-vCPU machine
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_TINY: dict[str, Any] = {**TINY, "episodes": 20, "actors": 2}
@@ -83,6 +87,15 @@ def test_split_run_resumes_to_the_same_weights(whole: Path, tmp_path: Path) -> N
     assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in csv_rows(split)]
 
 
+def test_generated_clusters_train_on_two_actors(tmp_path: Path) -> None:
+    """`--scenario generated` (the shipped model's distribution): a new cluster an episode, 16-row states."""
+    run_dir = tmp_path / "generated"
+    gen = {"scenario": "generated", "episodes": 6, "checkpoint_every": 3, "metrics_every": 3, "gamma": 0.0}
+    assert main(flags(run_dir, **gen)) == 0
+    assert [r["episode"] for r in csv_rows(run_dir)] == ["3", "6"]
+    assert load_checkpoint(run_dir / "checkpoints" / "dqn_episode_0006.pth")["fingerprint"]["width"] == 16
+
+
 @pytest.mark.parametrize(("actors", "says"), [(3, "actors=2, now actors=3"), (0, "--actors 2, now --actors 0")])
 def test_resume_with_another_actor_count_is_refused(
     whole: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], actors: int, says: str
@@ -99,6 +112,57 @@ def test_resume_with_another_actor_count_is_refused(
 def test_actors_with_live_training_is_one_line() -> None:
     with pytest.raises(ConfigError, match="--actors"):
         load_settings({"mode": "train", "env": "live", "actors": 2, "backends": "http://127.0.0.1:9"})
+
+
+def _in_session(sid: int) -> list[str]:
+    """Commands of the processes still in session `sid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after the command: state, ppid, pgrp, session
+            found.append(stat.parent.name)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_checkpoints_and_the_local_ray_goes_with_the_command(tmp_path: Path) -> None:
+    """The command's own local Ray: Ctrl-C (SIGINT to the process group, as a terminal sends it) ends
+    the round, saves it, exits 130 with the resume command; no process of the session stays behind."""
+    run_dir = tmp_path / "ctrl_c"
+    args = flags(run_dir, episodes=100_000, metrics_every=1, checkpoint_every=100_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lbproxy", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    csv_path = run_dir / "metrics" / "training_metrics.csv"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err and "--resume" in err and "--actors 2" in err
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and int(csv_rows(run_dir)[-1]["episode"]) == load_checkpoint(ckpt)["episode"]
+    deadline = time.monotonic() + 10
+    while _in_session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _in_session(proc.pid) == []
 
 
 def test_actors_without_ray_is_one_line(tmp_path: Path) -> None:
