@@ -13,6 +13,7 @@ state is under `learner` in the supervisor's GET /admin/backends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -45,10 +46,15 @@ class SharedLearner:
         own_core = len(cpus) > n_workers
         nice = 0 if own_core else LEARNER_NICE
         host = await asyncio.to_thread(shared_learner_host, settings, n_workers, str(metrics_dir), nice)
-        host.start()
+        try:
+            host.start()
+        except BaseException:
+            host.close()
+            raise
         self = cls(host, metrics_dir, set(cpus[:-1]) if own_core else set())
         if own_core and host.pid is not None:
-            os.sched_setaffinity(host.pid, {cpus[-1]})
+            with contextlib.suppress(OSError):  # it died at once: the watch reports why
+                os.sched_setaffinity(host.pid, {cpus[-1]})
         self._watch = asyncio.get_running_loop().create_task(self._report_death())
         return self
 

@@ -202,7 +202,8 @@ class Supervisor:
                 process_group=0,
             )
             if self.learner is not None and self.learner.worker_cpus:
-                os.sched_setaffinity(popen.pid, self.learner.worker_cpus)
+                with contextlib.suppress(OSError):  # it may already have exited: reaped below as usual
+                    os.sched_setaffinity(popen.pid, self.learner.worker_cpus)
         finally:
             child.close()
         w = self.workers[index] = Worker(index, popen, time.monotonic())
