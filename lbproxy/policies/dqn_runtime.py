@@ -231,11 +231,12 @@ def _pacer(settings: Settings, capacity: int) -> UpdatePacer:
 
 def shared_learner_host(settings: Settings, n_slots: int, metrics_dir: str, nice: int) -> LearnerHost:
     """The one learner of `--workers N --online` (lbproxy/workers.py starts it): the served model's
-    weights, a replay of --buffer-size rows split into one segment per worker. Not started."""
-    from lbproxy.rl.shared_replay import Layout
+    weights, a replay of --buffer-size rows split into one segment per worker. Not started. Its start
+    state is built on the CPU: the supervisor never touches a GPU, the process moves it to `device`."""
+    import torch
 
     device, _ = _devices(settings)
-    core, cfg = _core(settings, device, load_serving_model(settings), None)
+    core, cfg = _core(settings, torch.device("cpu"), load_serving_model(settings), None)
     width = learning_width(max(1, len(settings.backends)))
     layout = Layout(n_slots, max(1, settings.buffer_size // n_slots), feature_dim(width), width, _n_params(core))
     return LearnerHost(
