@@ -30,7 +30,8 @@ from support import LOOPBACK, REPO, Proc, running, start_backend, start_proxy
 from test_proxy_faults import _accepts
 
 from lbproxy.rl.checkpoint import CHECKPOINT_RE, latest_checkpoint, load_checkpoint
-from lbproxy.train.sim import EXIT_TERMINATED, TRAIN_FORMAT
+from lbproxy.train.sim import TRAIN_FORMAT
+from lbproxy.train.stop import EXIT_TERMINATED
 
 
 # --- serve: SIGTERM drains streaming responses ------------------------------------------------------------

@@ -30,7 +30,8 @@ from lbproxy.cli import main  # noqa: E402
 from lbproxy.config import ConfigError, load_settings  # noqa: E402
 from lbproxy.rl.checkpoint import latest_checkpoint, load_checkpoint, load_model  # noqa: E402
 from lbproxy.train.ray_sim import RAY_MISSING  # noqa: E402
-from lbproxy.train.sim import EXIT_INTERRUPTED, RAY_TRAIN_FORMAT, run_train_sim  # noqa: E402
+from lbproxy.train.sim import RAY_TRAIN_FORMAT, run_train_sim  # noqa: E402
+from lbproxy.train.stop import EXIT_INTERRUPTED  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Ray's start-up: ~25 s for the module on an idle 2-vCPU machine
 

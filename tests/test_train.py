@@ -18,7 +18,8 @@ from lbproxy.config import ConfigError, Settings
 from lbproxy.rl.checkpoint import latest_checkpoint
 from lbproxy.train.report import METRIC_FIELDS
 from lbproxy.train.run_dir import ERROR_LOG
-from lbproxy.train.sim import EXIT_INTERRUPTED, run_train_sim
+from lbproxy.train.sim import run_train_sim
+from lbproxy.train.stop import EXIT_INTERRUPTED
 
 REPO = Path(__file__).resolve().parent.parent
 

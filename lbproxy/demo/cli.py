@@ -22,9 +22,9 @@ from lbproxy.demo.plan import (
 )
 from lbproxy.demo.processes import DemoError
 from lbproxy.demo.stages import run
+from lbproxy.train.stop import EXIT_INTERRUPTED
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@ trainer's rollout tasks (train/ray_sim.py), kept free of Ray so that it reads, a
 
 Rollout side, :func:`rollout_episode` (the task) and :class:`RolloutWorker`: episode `ep` is the
 single-process trainer's episode `ep` (same scenario, simulator seed and phase:
-`train.sim.run_training_episode`), routed by a DqnAgent with learning switched off, acting on the
+`train.curriculum.run_training_episode`), routed by a DqnAgent with learning switched off, acting on the
 weights it was handed (frozen for the episode). The agent's own code path does everything else:
 ε-greedy with the run's schedule at the episode's decisions (it starts at decision
 `ep * episode_decisions`, where the single-process agent would be), the reward join and s'
@@ -33,7 +33,7 @@ from lbproxy.rl.agent import DqnAgent
 from lbproxy.rl.learner import DqnConfig, Learner
 from lbproxy.rl.replay import ReplayBuffer, TransitionBatch
 from lbproxy.rl.update_pacer import UpdatePacer
-from lbproxy.train.sim import resolve_training_set, run_training_episode
+from lbproxy.train.curriculum import resolve_training_set, run_training_episode
 
 
 class EpisodeRollout(NamedTuple):

@@ -38,145 +38,33 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from lbproxy.config import ConfigError, Settings
-from lbproxy.observe import WindowSummary, feature_dim
-from lbproxy.phases import phase_index_for_episode
+from lbproxy.observe import feature_dim
 from lbproxy.rl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from lbproxy.sim.episode import run_episode
-from lbproxy.sim.suite import TrainingSet, train_sim_seed
 from lbproxy.telemetry import CsvMetricsWriter
+from lbproxy.train.curriculum import fingerprint, resolve_training_set, run_training_episode
 from lbproxy.train.report import MetricsWindow, Progress, format_eta, metrics_row
 from lbproxy.train.run_dir import RunDir, capture_rng_state, restore_rng_state
+from lbproxy.train.stop import stop_latch
 
 if TYPE_CHECKING:
-    from lbproxy.rl.agent import DqnAgent
+    pass
 
 TRAIN_FORMAT = "lbproxy-train/2"
 """/2: the agent keeps its update pacer's debt and no global RNG state (the trainer's, saved once); /1 is refused."""
 RAY_TRAIN_FORMAT = "lbproxy-train-ray/1"
 """Checkpoints of the Ray trainer (`--actors N`, train/ray_sim.py): its "agent" entry is its own."""
-EXIT_INTERRUPTED = 130
-"""Exit code after SIGINT (Ctrl-C): checkpoint saved, run unfinished."""
-EXIT_TERMINATED = 128 + int(signal.SIGTERM)
-"""Exit code after SIGTERM (143): checkpoint saved, run unfinished; `--resume` continues it."""
-
-# Settings that change the result of a run: a resume with any of them different is refused.
-FINGERPRINT_FIELDS = (
-    "seed",
-    "episode_decisions",
-    "gamma",
-    "lr",
-    "batch_size",
-    "buffer_size",
-    "learning_starts",
-    "updates_per_decision",
-    "target_update_every",
-    "eps_start",
-    "eps_end",
-    "eps_fraction",
-    "hidden",
-    "grad_clip",
-    "error_penalty",
-)
-
-
-def fingerprint(settings: Settings, train_set: TrainingSet, episodes: int) -> dict[str, Any]:
-    fp: dict[str, Any] = {name: getattr(settings, name) for name in FINGERPRINT_FIELDS}
-    fp["episodes"] = episodes
-    fp["scenario"] = train_set.name
-    fp["scenario_digest"] = train_set.digest
-    fp["width"] = train_set.width
-    return fp
-
-
-class _StopLatch:
-    """The first SIGINT/SIGTERM sets a flag checked between episodes; a second one raises
-    KeyboardInterrupt (abort now)."""
-
-    def __init__(self, unit: str = "episode") -> None:
-        self.signum: int | None = None
-        self.unit = unit
-        """What is finished before stopping (an episode, or a round of the Ray trainer's episodes)."""
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_TERMINATED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
-
-    @property
-    def reason(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else "stop requested"
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
-        print(f"\nlbproxy: {what}: finishing this {self.unit} and saving a checkpoint ...", file=sys.stderr, flush=True)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def _stop_latch(unit: str) -> Iterator[_StopLatch]:
-    latch = _StopLatch(unit)
-    try:
-        previous = {sig: signal.signal(sig, latch) for sig in STOP_SIGNALS}
-    except ValueError:  # not the main thread (e.g. called from a worker): no graceful stop
-        yield latch
-        return
-    try:
-        yield latch
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def resolve_training_set(settings: Settings) -> TrainingSet:
-    """`--scenario` as a TrainingSet; ConfigError (one line) for an unknown name or a bad file."""
-    from lbproxy.sim import ScenarioError
-    from lbproxy.sim.suite import training_set
-
-    try:
-        return training_set(settings.scenario, settings.seed)
-    except ScenarioError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def run_training_episode(
-    agent: DqnAgent, settings: Settings, train_set: TrainingSet, episodes: int, ep: int
-) -> tuple[int, WindowSummary]:
-    """Training episode `ep` of a run of `episodes`, routed by `agent`: its scenario, simulator seed and
-    curriculum phase are functions of (settings, ep) only. Returns its (0-based) phase and summary.
-    Both trainers call it: this process's for every episode, the Ray trainer's actors for theirs."""
-    phase = min(phase_index_for_episode(ep, episodes), train_set.phase_count - 1)
-    summary, _stats = run_episode(
-        lambda _sim: agent,
-        train_set.scenario(ep),
-        train_sim_seed(settings.seed, ep),
-        phase,
-        settings.episode_decisions,
-        first_id=int(agent.decisions),
-        error_penalty=settings.error_penalty,
-    )
-    return phase, summary
 
 
 class SimTrainerBase(ABC):
@@ -346,7 +234,7 @@ class SimTrainerBase(ABC):
         progress = Progress(self.episodes, self.start_episode, self.wall_before)
         diverged = False
         try:
-            with _stop_latch("episode" if self.round_size == 1 else "round of episodes") as latch:
+            with stop_latch("episode" if self.round_size == 1 else "round of episodes") as latch:
                 for episodes in self.rounds():
                     for done, phase in enumerate(self.run_round(episodes), start=episodes.start + 1):
                         if not diverged and self.learner.updates and not math.isfinite(self.last_loss):
