@@ -151,34 +151,22 @@ def wall_run(episodes: int, actors: int, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--episodes", type=int, default=8, help="measured episodes per trainer and round")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--wall-episodes", type=int, default=200, help="episodes of the timed commands (0: skip)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    ray = import_ray()
-    load_before = os.getloadavg()[0]
-    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    with tempfile.TemporaryDirectory(prefix="ray_training_") as tmp_name:
-        tmp = Path(tmp_name)
-        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
-        try:
-            rates, alone = throughput(args.episodes, args.rounds, tmp)
-        finally:
-            ray.shutdown()
-        sim_s, learn_s = time_split(args.episodes * args.rounds, tmp)
-        walls = {n: wall_run(args.wall_episodes, n, tmp) for n in (0, 2)} if args.wall_episodes else {}
-    load_after = os.getloadavg()[0]
-
+def throughput_lines(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    ray_version: str,
+    started: str,
+    loads: tuple[float, float],
+    rates: dict[int, list[float]],
+) -> list[str]:
+    """The header and the experience-throughput table."""
+    load_before, load_after = loads
     base = statistics.median(rates[0])
     lines = [
         "# Simulator training on Ray: experience throughput and wall time",
         "",
         f"- Date: {started}",
-        f"- Machine: {machine()}, Ray {ray.__version__}",
+        f"- Machine: {machine()}, Ray {ray_version}",
         f"- Command: `{command(argv)}`",
         f"- Load average (1 min): {load_before:.2f} at the start, {load_after:.2f} at the end (a shared machine).",
         "- Settings: the shipped model's (`--scenario generated`, 256 decisions an episode, 0.1 updates a "
@@ -198,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         name = "single process (`--actors 0`)" if n == 0 else f"Ray, `--actors {n}`"
         med = statistics.median(rates[n])
         lines.append(f"| {name} | {med:,.0f} | {min(rates[n]):,.0f} – {max(rates[n]):,.0f} | {med / base:.2f}x |")
+    return lines
+
+
+def time_split_lines(
+    args: argparse.Namespace, sim_s: float, learn_s: float, alone: dict[int, list[float]]
+) -> list[str]:
+    """Where an episode's time goes, and the rollout side alone."""
+    lines: list[str] = []
     lines += [
         "",
         "## Where the time goes",
@@ -227,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             "a Ray rollout costs more than one in this process (the task, the weights and the result through "
             "the object store). Training gains nothing from that here: the rounds wait for the learner.",
         ]
+    return lines
+
+
+def wall_lines(args: argparse.Namespace, walls: dict[int, float]) -> list[str]:
+    """The wall time of a whole training command, with and without actors."""
+    lines: list[str] = []
     if walls:
         lines += [
             "",
@@ -242,6 +244,33 @@ def main(argv: list[str] | None = None) -> int:
         for n, wall in walls.items():
             name = "without actors" if n == 0 else f"`--actors {n}`"
             lines.append(f"| {name} | {wall:.1f} | {wall / args.wall_episodes * 1000:.0f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--episodes", type=int, default=8, help="measured episodes per trainer and round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--wall-episodes", type=int, default=200, help="episodes of the timed commands (0: skip)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    ray = import_ray()
+    load_before = os.getloadavg()[0]
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    with tempfile.TemporaryDirectory(prefix="ray_training_") as tmp_name:
+        tmp = Path(tmp_name)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            rates, alone = throughput(args.episodes, args.rounds, tmp)
+        finally:
+            ray.shutdown()
+        sim_s, learn_s = time_split(args.episodes * args.rounds, tmp)
+        walls = {n: wall_run(args.wall_episodes, n, tmp) for n in (0, 2)} if args.wall_episodes else {}
+    load_after = os.getloadavg()[0]
+    lines = throughput_lines(args, argv, ray.__version__, started, (load_before, load_after), rates)
+    lines += time_split_lines(args, sim_s, learn_s, alone)
+    lines += wall_lines(args, walls)
     write_result(args.out, lines)
     return 0
 
