@@ -22,7 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict lbproxy/rl lbproxy/policies
-	$(BIN)/python -m pytest -q
+	# Two passes: what does not time real processes runs on every core (whole files per worker, so a
+	# module's fixture starts once); the `timing` tests then run one at a time on a quiet machine.
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not timing"
+	$(BIN)/python -m pytest -q -m timing
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -76,8 +76,8 @@ def table(cmp: Comparison, workers: Sequence[int]) -> list[str]:
 def per_run_table(cmp: Comparison) -> list[str]:
     lines = [
         "| round | policy | requests | p50 ms | p99 ms | mean ms | failed | timeouts | answered req/s "
-        "| send lag p99 / max ms | generator CPU % | share per backend % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| send lag p99 / max ms | generator CPU % | share per backend % | ejections |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = sorted((m for ms in cmp.runs.values() for m in ms), key=lambda m: (m.round, m.policy))
     for m in rows:
@@ -85,9 +85,15 @@ def per_run_table(cmp: Comparison) -> list[str]:
         lines.append(
             f"| {m.round + 1} | {m.policy} | {s.count} | {s.p50_ms:.1f} | {s.p99_ms:.1f} | {s.mean_ms:.1f} | "
             f"{s.errors} | {s.timeouts} | {s.throughput_rps:.0f} | {s.send_lag_p99_ms:.2f} / "
-            f"{s.send_lag_max_ms:.1f} | {m.generator_cpu_pct:.0f} | {'/'.join(f'{100 * x:.0f}' for x in m.shares)} |"
+            f"{s.send_lag_max_ms:.1f} | {m.generator_cpu_pct:.0f} | {'/'.join(f'{100 * x:.0f}' for x in m.shares)} | "
+            f"{ejections(m)} |"
         )
     return lines
+
+
+def ejections(m: Measurement) -> str:
+    """Passive outlier ejections in the run, all backends (the proxy's lbproxy_ejections_total)."""
+    return f"{m.metrics.total('lbproxy_ejections_total') or 0:.0f}"
 
 
 @dataclass(frozen=True, slots=True)

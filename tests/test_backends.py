@@ -31,6 +31,8 @@ from backends.faults import FaultError, FaultState, Schedule, ScheduledFault, lo
 from backends.launcher import Cluster, ClusterError
 from lbproxy.cluster import cluster_from_dict
 
+pytestmark = pytest.mark.timing
+
 Reply = tuple[int, dict[str, str], bytes]
 CONSTANT_40MS = ("--distribution", "constant", "--light-ms", "40", "--heavy-ms", "40")
 

@@ -407,6 +407,7 @@ def sim_trained_model(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 async def test_acceptance_dqn_learns_to_avoid_the_slow_backend(tmp_path: Path, skewed_backends: list[Proc]) -> None:
     urls = [p.url for p in skewed_backends]
     # Live training: ε decays over the first 30% of 40 x 100 decisions, then the agent is ~greedy.

@@ -18,6 +18,8 @@ from support import LOOPBACK, CaptureServer, Proc, running, start_proxy
 
 from lbproxy.proxy.http_server import MAX_HEADER_FIELD_BYTES, MAX_HEADERS, MAX_REQUEST_LINE_BYTES
 
+pytestmark = pytest.mark.timing
+
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
 MAX_BODY = 1000

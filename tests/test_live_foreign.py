@@ -24,6 +24,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from foreign_cluster import start_foreign_cluster
 from live_compare import measure, pinned_self, policy_configs
 
+pytestmark = pytest.mark.timing
+
 OUR_HEADERS = ("X-Backend", "X-Utilization", "X-Service-Time", "X-Queue-Wait")
 """What backends/app.py tells the proxy and an ordinary web app does not."""
 
@@ -162,11 +164,12 @@ def test_least_conn_beats_round_robin_on_unequal_foreign_backends() -> None:
 
 
 DQN_BOUND = 1.3
-"""The median over rounds of the shipped model's p99 over the best of least_conn and sed on the same
-open-loop load must stay below this in the bounded test (the benchmark,
-benchmarks/results/live_foreign.md, measures it at length: 0.80, every heuristic). One 8-second
-round's ratio is too noisy to bound: its p99 is the 20th-slowest of 2,000 requests near saturation,
-and single rounds ranged 0.94 to 1.36 on the 2-core machines."""
+"""The median over rounds of the shipped model's p99 over sed's on the same open-loop load must stay
+below this in the bounded test (the benchmark, benchmarks/results/live_foreign.md, measures it at
+length against every heuristic: 0.80 and 1.02 on two runs of 2026-12-01; sed had the lowest p99 of
+the heuristics in every run of it, least_conn 1.2-1.5x sed's, so the test runs sed alone). One
+8-second round's ratio is too noisy to bound: its p99 is the 20th-slowest of 2,000 requests near
+saturation, and single rounds ranged 0.94 to 1.36 on the 2-core machines."""
 DQN_ROUNDS = 3
 
 
@@ -174,21 +177,21 @@ DQN_ROUNDS = 3
 @needs_gunicorn
 def test_the_shipped_model_routes_foreign_backends_like_the_best_heuristics() -> None:
     """Greedy dqn with the shipped general model, on backends it never saw (gunicorn, unequal worker
-    counts, no service-time reports), from its first request: no request lost, p99 near the best of
-    least_conn and sed on the same schedules (rounds interleaved, so a slow spell of the shared
-    machine falls on every policy)."""
+    counts, no service-time reports), from its first request: no request lost, p99 near the best
+    heuristic's (sed) on the same schedules (rounds interleaved, so a slow spell of the shared
+    machine falls on both policies)."""
     from lbproxy.rl.checkpoint import default_model_path
 
-    configs, _ = policy_configs(["dqn", "least_conn", "sed"], default_model_path())
+    configs, _ = policy_configs(["dqn", "sed"], default_model_path())
     ratios: list[float] = []
     lines: list[str] = []
     with start_foreign_cluster(LIVE_WORKERS, LIVE_SPEED, cpu=1) as cluster, pinned_self(1):
         rate = LIVE_LOAD * cluster.capacity_rps((0.6, 0.3, 0.1))
         for round_index in range(DQN_ROUNDS):
             schedule = poisson_schedule(rate, 2 * LIVE_DURATION_S, seed=11 + round_index)
-            dqn, lc, sed = (measure(cluster, p, schedule, warmup_s=0.0, grace_s=30.0) for p in configs)
-            for m in (dqn, lc, sed):
+            dqn, sed = (measure(cluster, p, schedule, warmup_s=0.0, grace_s=30.0) for p in configs)
+            for m in (dqn, sed):
                 assert m.summary.errors == 0, m.summary.line()
                 lines.append(f"round {round_index} {m.policy}: {m.summary.line()}")
-            ratios.append(dqn.summary.p99_ms / min(lc.summary.p99_ms, sed.summary.p99_ms))
+            ratios.append(dqn.summary.p99_ms / sed.summary.p99_ms)
     assert statistics.median(ratios) <= DQN_BOUND, (ratios, lines)

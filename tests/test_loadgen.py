@@ -16,6 +16,8 @@ from lbproxy.phases import PHASES
 from loadgen import ScheduleError, build_schedule, phase_at, schedule_from_env, total_duration_s
 from tests.support import REPO, running, start_backend, start_proxy
 
+pytestmark = pytest.mark.timing
+
 LOCUSTFILE = REPO / "loadgen" / "phases.py"
 LOCUST_LIMIT_S = 90.0
 """Kill switch for the Locust child: the shape stops it after ~11 s; this only bounds a hang."""

@@ -21,6 +21,8 @@ from loadgen.open_loop import CLASS_PATHS, main, parse_mix, poisson_schedule, ru
 sys.path.insert(0, str(REPO / "benchmarks"))
 from foreign_cluster import start_foreign_cluster
 
+pytestmark = pytest.mark.timing
+
 LAG_P50_MAX_MS = 20.0
 """Median send lag bound: generous, the 2 cores are shared with other work (its p99/max can be far
 worse during a stall of the whole machine, which is why only the median is asserted)."""

@@ -28,6 +28,7 @@ TRAFFIC_LIMIT_S = 40.0
 """Upper bound on the background request loop (it normally stops as soon as the test has its samples)."""
 
 pytestmark = [
+    pytest.mark.timing,
     pytest.mark.slow,  # the first scraped sample takes ~6 s
     pytest.mark.skipif(PROMETHEUS_BIN is None, reason="prometheus binary not installed (Debian: prometheus)"),
 ]

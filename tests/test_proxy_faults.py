@@ -20,6 +20,8 @@ import pytest
 from support import LOOPBACK, Proc, free_port, running, start_backend, start_proxy
 from test_proxy import call
 
+pytestmark = pytest.mark.timing
+
 
 def fault(backend: Proc, **spec: object) -> None:
     status, _, body = call(

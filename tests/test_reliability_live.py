@@ -23,7 +23,7 @@ from reliability_run import FAST_ANSWER_MS, Plan, ReliabilityRun, run_reliabilit
 
 from lbproxy.config import Settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 POLICIES = ("p2c", "dqn")
 PLAN = Plan(

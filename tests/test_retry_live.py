@@ -15,6 +15,8 @@ from support import Proc, running, start_backend, start_proxy
 from test_proxy import call
 from test_proxy_faults import backend_rows, fault, metric, reset
 
+pytestmark = pytest.mark.timing
+
 QUIET = ["--policy", "round_robin", "--health-interval-s", "0"]
 """Deterministic rotation; no active checks (the faults below would fail them too)."""
 NO_EJECTION = ["--eject-consecutive-failures", "1000", "--latency-eject-factor", "0"]

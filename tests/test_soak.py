@@ -19,7 +19,7 @@ from proxy_process import TASKS_METRIC
 from soak_run import SoakConfig, SoakRun, run_soak
 from soak_verdict import Rule, verdict
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 CONFIG = SoakConfig(duration_s=30.0)
 RULES = (
