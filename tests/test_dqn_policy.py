@@ -162,13 +162,17 @@ async def test_learning_records_the_state_each_decision_was_taken_in() -> None:
     )
     rt = create_dqn_runtime(settings, None, None, train=True, net=least_in_flight_net(), total_decisions=100)
     view = ClusterView.create(3)
-    for _ in range(5):
+    kept = []
+    for _ in range(5):  # one loop iteration: one snapshot, moved by each dispatch
         expected = encode_state(view, 2, 0.0, rt.policy.width)
         action, did = await resolve(rt.policy.decide(2, view, now_s=0.0))
         view.on_dispatch(action)
         rec = rt.policy.join.table.pop(did) if rt.policy.join is not None else None
         assert rec is not None
         np.testing.assert_allclose(rec.state, expected, atol=1e-6)
+        kept.append((rec.state, expected))
+    for state, expected in kept:  # later dispatches never wrote into an earlier record's state
+        np.testing.assert_allclose(state, expected, atol=1e-6)
     rt.engine.close()
 
 

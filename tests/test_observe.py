@@ -212,6 +212,21 @@ def test_dispatch_model_is_the_state_after_the_dispatches(dispatched: list[int])
     assert np.array_equal(encode_state(view, RequestClass.HEAVY, 5.0, 8), state), "the view itself is untouched"
 
 
+def test_dispatch_model_apply_moves_a_state_one_dispatch_at_a_time() -> None:
+    """`apply` (the decision records' scalar path) writes what `state_after` computes, dispatch by
+    dispatch, from a state another call already moved."""
+    view = _busy_view(4)
+    state = encode_state(view, RequestClass.LIGHT, 5.0, 8)
+    model = DispatchModel(view, RequestClass.LIGHT, state)
+    x = state.copy()
+    counts = [0] * 4
+    for b in [1, 1, 0, 3, 1, 2, 2, 0]:
+        counts[b] += 1
+        model.apply(x, b, counts[b], sum(counts))
+        np.testing.assert_allclose(x, model.state_after(counts), rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(x, state) and np.array_equal(model.state, state), "the snapshot's own state is untouched"
+
+
 def test_window_stats_summary() -> None:
     w = WindowStats(n=2)
     for i, lat in enumerate([0.01, 0.02, 0.03, 0.04]):

@@ -312,7 +312,17 @@ class DispatchModel:
     (Completions within the iteration are seen by the next iteration's state.)
     """
 
-    __slots__ = ("_arrays", "_concurrency", "_in_flight", "ctx", "n", "rows", "state", "total_in_flight")
+    __slots__ = (
+        "_arrays",
+        "_concurrency",
+        "_in_flight",
+        "_scalars",
+        "ctx",
+        "n",
+        "rows",
+        "state",
+        "total_in_flight",
+    )
 
     def __init__(self, view: ClusterView, req_class: int, state: np.ndarray) -> None:
         width = state_width(state.shape[0])
@@ -325,6 +335,7 @@ class DispatchModel:
         self._in_flight = view.in_flight[:]
         self._concurrency = view.concurrency[:]
         self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._scalars: tuple[list[float], float] | None = None
         self.total_in_flight = view.total_in_flight
 
     def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -357,6 +368,26 @@ class DispatchModel:
             x[width * ROW_FEATURES + C_LOAD] = min(total / self._total_concurrency(), CLIP_RATIO)
             x[width * ROW_FEATURES + C_LOG_TOTAL] = math.log1p(total)
         return x
+
+    def apply(self, x: np.ndarray, b: int, k: int, total_extra: int) -> None:
+        """Write into `x` (a copy of this state, already moved by the earlier dispatches) row b and the
+        context as they read after k dispatches to b and `total_extra` to all slots: `state_after`
+        one dispatch at a time, in scalar arithmetic (the live policy's decision records: a dozen NumPy
+        calls per decision became one array copy). Same formulas as `dynamic_columns`."""
+        scalars = self._scalars
+        if scalars is None:
+            scalars = self._scalars = (self.rows[:, F_SERVICE].tolist(), self._total_concurrency())
+        service, total_concurrency = scalars
+        in_flight = float(self._in_flight[b] + k)
+        concurrency = self._concurrency[b]
+        row = b * ROW_FEATURES
+        x[row + F_LOG_IN_FLIGHT] = math.log1p(in_flight)
+        x[row + F_UTILISATION] = min(in_flight / concurrency, CLIP_RATIO)
+        x[row + F_EXPECTED] = min(max((in_flight + 1.0) / concurrency, 1.0) * service[b], CLIP_RATIO)
+        total = self.total_in_flight + float(total_extra)
+        ctx = x.shape[0] - self.ctx.shape[0]
+        x[ctx + C_LOAD] = min(total / total_concurrency, CLIP_RATIO)
+        x[ctx + C_LOG_TOTAL] = math.log1p(total)
 
     def _total_concurrency(self) -> float:
         """The candidates' (valid rows') total concurrency: the load ratio's denominator in encode_state."""

@@ -80,11 +80,21 @@ class Snapshot:
     """Greedy decisions answered from this snapshot's pass (the pass's batch size)."""
     pending: asyncio.Future[np.ndarray | None] | None = None
     """Off-loop: the pass in flight."""
+    dispatches: int = 0
+    """sum(counts)."""
+    after: np.ndarray | None = None
+    """The state moved by every dispatch since it was encoded, kept from the first decision record
+    that needs it (learning only): each later dispatch writes one row of it (`DispatchModel.apply`)."""
 
     def decided_state(self) -> np.ndarray:
         """The state a decision taken now was taken in: the snapshot after the dispatches made since
-        it was encoded (a new array when there were any)."""
-        return self.model.state_after(self.counts) if any(self.counts) else self.state
+        it was encoded (a new array when there were any; never mutated afterwards)."""
+        after = self.after
+        if after is None:
+            if not self.dispatches:
+                return self.state
+            after = self.after = self.model.state_after(self.counts)
+        return after.copy()
 
 
 class IterationScheduler:
@@ -146,6 +156,9 @@ class IterationScheduler:
                 continue  # a slot added after the snapshot was taken
             k = counts[action] + 1
             counts[action] = k
+            live.dispatches += 1
+            if live.after is not None:
+                live.model.apply(live.after, action, k, live.dispatches)
             levels, scores = live.levels, live.scores
             if levels is None or scores is None or scores[action] == -np.inf:
                 continue  # in flight (applied when it lands), or not a candidate of that snapshot
