@@ -21,6 +21,7 @@ CPU_ONLY = {
     "decision_latency": ["--repeats", "50"],
     "learner_loop_lag": ["--seconds", "0.3"],
     "learner_step": ["--trials", "1", "--trial-budget-s", "0.05"],
+    "loop_bookkeeping": ["--trials", "1", "--iterations", "50"],
     "sim_throughput": ["--decisions", "5000", "--repeats", "1"],
     "replicas": [
         "--seeds",

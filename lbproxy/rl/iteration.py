@@ -83,8 +83,11 @@ class Snapshot:
     dispatches: int = 0
     """sum(counts)."""
     after: np.ndarray | None = None
-    """The state moved by every dispatch since it was encoded, kept from the first decision record
-    that needs it (learning only): each later dispatch writes one row of it (`DispatchModel.apply`)."""
+    """The state moved by the dispatches since it was encoded, kept from the first decision record
+    that needs it (learning only); the rows dispatched to since are rewritten when the next record
+    needs it (`moved`, `DispatchModel.apply`)."""
+    moved: list[int] = dataclasses.field(default_factory=list)
+    """Slots dispatched to since `after` was last brought up to date."""
 
     def decided_state(self) -> np.ndarray:
         """The state a decision taken now was taken in: the snapshot after the dispatches made since
@@ -94,6 +97,11 @@ class Snapshot:
             if not self.dispatches:
                 return self.state
             after = self.after = self.model.state_after(self.counts)
+        elif self.moved:
+            apply, counts, total = self.model.apply, self.counts, self.dispatches
+            for b in set(self.moved):  # a slot dispatched to k times since: one rewrite, at its count now
+                apply(after, b, counts[b], total)
+            self.moved.clear()
         return after.copy()
 
 
@@ -158,7 +166,7 @@ class IterationScheduler:
             counts[action] = k
             live.dispatches += 1
             if live.after is not None:
-                live.model.apply(live.after, action, k, live.dispatches)
+                live.moved.append(action)
             levels, scores = live.levels, live.scores
             if levels is None or scores is None or scores[action] == -np.inf:
                 continue  # in flight (applied when it lands), or not a candidate of that snapshot
