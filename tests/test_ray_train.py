@@ -183,3 +183,16 @@ def test_actors_without_ray_is_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"lbproxy: {RAY_MISSING}"], proc.stderr
+
+
+def test_the_ray_training_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/ray_training.py end to end with tiny settings (it starts its own local Ray, beside
+    this module's, as the Ctrl-C test's command does). Here rather than in test_benchmarks.py: the
+    Ray runs of the suite stay in one file, so one test worker runs them one after another."""
+    out = tmp_path / "ray_training.md"
+    script = REPO / "benchmarks" / "ray_training.py"
+    args = ["--episodes", "2", "--rounds", "1", "--wall-episodes", "0", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "machine" in text.lower() and "transitions/s" in text
