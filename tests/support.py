@@ -236,3 +236,10 @@ class CaptureServer:
         self._stop.set()
         self.thread.join(30)
         self.sock.close()
+
+
+POLICY_ONLY = ("--latency-eject-factor", "0")
+"""Proxy flags for tests that compare routing policies: latency ejection (lbproxy/outlier.py, on by
+default) takes a backend a load-blind policy overloads out of its rotation once its queue makes it a
+latency outlier, and the policy would be scored on what ejection did for it (CI: round robin's p99
+then beat a trained DQN's; round robin's share of an overloaded 1-worker backend fell to 0.9 %)."""

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from nets import column_net
-from support import LOOPBACK, REPO, Proc, free_port, start_backend, start_proxy
+from support import LOOPBACK, POLICY_ONLY, REPO, Proc, free_port, start_backend, start_proxy
 
 from lbproxy.config import Settings
 from lbproxy.observe import F_LATENCY_ALL, MAX_BACKENDS, ClusterView, Outcome
@@ -364,12 +364,6 @@ def skewed_backends() -> object:
 async def replay_eval(url: str) -> LoadResult:
     """The same request sequence and concurrency for every policy compared."""
     return await drive(url, request_paths(EVAL_REQUESTS, 99), ACCEPT_CONCURRENCY, time_limit_s=30)
-
-
-POLICY_ONLY = ("--latency-eject-factor", "0")
-"""The acceptance test compares policies, so latency ejection (lbproxy/outlier.py) is off for all of
-them: under round robin the 4x-slow backend's queue soon makes it a latency outlier, and round robin
-would be scored on what ejection did for it (CI: its p99 then beat a trained DQN's)."""
 
 
 async def heuristic_result(urls: list[str], policy: str) -> LoadResult:

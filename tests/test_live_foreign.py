@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from support import REPO, Proc, running, start_proxy
+from support import POLICY_ONLY, REPO, Proc, running, start_proxy
 
 from backends import foreign_app
 from loadgen.open_loop import poisson_schedule
@@ -144,13 +144,6 @@ P99_MARGIN = 3.0
 12.6, 17.9, 10.7, 10.7; 2-vCPU machine shared with other work): told only the URLs, round robin gives
 the 1-worker backend a quarter of the traffic, 2.6x its capacity, and its queue grows for the whole
 run; least_conn sends it ~9 %."""
-
-
-POLICY_ONLY = ("--latency-eject-factor", "0")
-"""This test compares two policies and asserts round robin's plain rotation: latency ejection (on by
-default) would take the overloaded 1-worker backend out of round robin's rotation once its queue makes
-it a latency outlier (seen once: its share 0.9 % instead of 25 %), scoring round robin on what ejection
-did for it."""
 
 
 @pytest.mark.slow

@@ -80,8 +80,6 @@ class Snapshot:
     """Greedy decisions answered from this snapshot's pass (the pass's batch size)."""
     pending: asyncio.Future[np.ndarray | None] | None = None
     """Off-loop: the pass in flight."""
-    dispatches: int = 0
-    """sum(counts)."""
     after: np.ndarray | None = None
     """The state moved by the dispatches since it was encoded, kept from the first decision record
     that needs it (learning only); the rows dispatched to since are rewritten when the next record
@@ -94,11 +92,12 @@ class Snapshot:
         it was encoded (a new array when there were any; never mutated afterwards)."""
         after = self.after
         if after is None:
-            if not self.dispatches:
+            if not any(self.counts):
                 return self.state
             after = self.after = self.model.state_after(self.counts)
         elif self.moved:
-            apply, counts, total = self.model.apply, self.counts, self.dispatches
+            apply, counts = self.model.apply, self.counts
+            total = sum(counts)  # learning only: the greedy hot path keeps no running total
             for b in set(self.moved):  # a slot dispatched to k times since: one rewrite, at its count now
                 apply(after, b, counts[b], total)
             self.moved.clear()
@@ -164,8 +163,7 @@ class IterationScheduler:
                 continue  # a slot added after the snapshot was taken
             k = counts[action] + 1
             counts[action] = k
-            live.dispatches += 1
-            if live.after is not None:
+            if live.after is not None:  # learning: the record state's row is rewritten when next needed
                 live.moved.append(action)
             levels, scores = live.levels, live.scores
             if levels is None or scores is None or scores[action] == -np.inf:
