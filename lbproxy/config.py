@@ -71,7 +71,8 @@ class Settings(BaseSettings):
         description="Proxy processes accepting on the one port (SO_REUSEPORT), each with its own event loop, "
         "pool view and inline inference; `auto` = the CPUs this process may run on. Above 1, a supervisor "
         "restarts workers that die and owns the one admin listener (lbproxy/workers.py); with --online every "
-        "worker feeds one learner process. --mode train needs 1 for now.",
+        "worker feeds one learner process, and live training (--mode train) runs the same way, its run kept by the "
+        "supervisor.",
     )
     admin_host: str = Field(
         "127.0.0.1",
@@ -378,12 +379,10 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
                 f"not {settings.policy!r}; drop --model or use --policy dqn"
             )
         settings.policy = "dqn"
-    if settings.workers > 1 and settings.mode == "train":
-        # --online feeds one learner from every worker (lbproxy/workers.py); live training's episodes,
-        # CSV rows and checkpoints are still one process's.
-        raise ConfigError("--mode train needs --workers 1 for now (issue 12 item 2)")
     if settings.cluster_file is not None and not settings.backends:
         settings.backends = backends_from_cluster_file(settings.cluster_file)
+    if settings.workers > 1 and settings.mode == "train" and settings.train_env == "sim":
+        raise ConfigError("invalid setting --workers: simulator training runs in parallel with --actors N")
     if settings.actors and settings.mode == "train" and settings.train_env == "live":
         raise ConfigError("invalid setting --actors (LBPROXY_ACTORS): Ray actors train in the simulator (--env sim)")
     return settings

@@ -22,8 +22,9 @@ from lbproxy.config import ConfigError, Settings
 from lbproxy.telemetry import Metrics
 
 if TYPE_CHECKING:
+    from lbproxy.policies.dqn_runtime import DqnRuntime
     from lbproxy.proxy import ProxyServer
-    from lbproxy.rl.shared_replay import Attachment
+    from lbproxy.train.live_workers import WorkerPlan
     from lbproxy.worker_process import WorkerLink
 
 DRAIN_TIMEOUT_S = 10.0
@@ -58,19 +59,55 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
 
 
 def build_policy(
-    settings: Settings, metrics: Metrics, attach: Attachment | None = None
+    settings: Settings, metrics: Metrics, link: WorkerLink | None = None
 ) -> tuple[Any, list[Any], list[Any]]:
     """The policy object, the lifespans it needs (the DQN's learner/gauges) and its admin routes
-    (the DQN's POST /admin/model); heuristics need neither. `attach`: the supervisor's learner."""
+    (the DQN's POST /admin/model); heuristics need neither. `link`: one of N workers, which may feed
+    the supervisor's learner and, in live training, send it its episodes."""
     if settings.policy == "dqn":
         from lbproxy.policies.dqn_runtime import create_dqn_runtime
         from lbproxy.proxy.admin import model_routes
 
-        rt = create_dqn_runtime(settings, None, metrics, attach=attach)
+        attach = link.learner if link is not None else None
+        plan = link.training if link is not None else None
+        if link is None or plan is None:
+            rt = create_dqn_runtime(settings, None, metrics, attach=attach)
+        else:
+            rt = _training_worker_runtime(settings, metrics, link, plan)
         return rt.policy, [rt.lifespan], model_routes(rt.reload_model if rt.learner is None else None)
     from lbproxy.policies import make_policy
 
     return make_policy(settings.policy, settings.seed), [], []
+
+
+def _training_worker_runtime(settings: Settings, metrics: Metrics, link: WorkerLink, plan: WorkerPlan) -> DqnRuntime:
+    """A live-training worker of `--workers N` (lbproxy/train/live_workers.py): learning into the
+    supervisor's learner, its finished episodes sent to the supervisor as they end."""
+    from lbproxy.live_episodes import EpisodeTracker
+    from lbproxy.policies.dqn_runtime import create_dqn_runtime
+
+    weights = [b.weight for b in settings.backends]
+    tracker = EpisodeTracker(len(settings.backends), settings.episode_decisions, settings.error_penalty, weights)
+    rt = create_dqn_runtime(
+        settings,
+        None,
+        metrics,
+        train=True,
+        total_decisions=plan.total_decisions,
+        epsilon_start_step=plan.start_step,
+        tracker=tracker,
+        attach=link.learner,
+    )
+    fallbacks_sent = 0
+
+    def send() -> None:
+        nonlocal fallbacks_sent
+        fallbacks = sum(rt.policy.fallback_counts.values())
+        link.send_episodes(tracker, fallbacks - fallbacks_sent)
+        fallbacks_sent = fallbacks
+
+    tracker.on_episode = send
+    return rt
 
 
 def check_serve_settings(settings: Settings) -> None:
@@ -82,14 +119,14 @@ def check_serve_settings(settings: Settings) -> None:
     admin_token(settings)
 
 
-def build_server(settings: Settings, metrics: Metrics, attach: Attachment | None = None) -> ProxyServer:
+def build_server(settings: Settings, metrics: Metrics, link: WorkerLink | None = None) -> ProxyServer:
     """The serve-mode ProxyServer (not started): its policy with the policy's lifespans and admin routes.
     ConfigError (one line) for no backends or an exposed admin listener without a token, checked
     before a model is loaded."""
     from lbproxy.proxy import ProxyServer
 
     check_serve_settings(settings)
-    policy, lifespans, routes = build_policy(settings, metrics, attach)
+    policy, lifespans, routes = build_policy(settings, metrics, link)
     server = ProxyServer(settings, policy, metrics)
     server.lifespans.extend(lifespans)
     server.admin_routes.extend(routes)
@@ -102,7 +139,7 @@ async def serve(settings: Settings, link: WorkerLink | None = None) -> int:
     is gone."""
     if settings.access_log:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = build_server(settings, Metrics(), link.learner if link is not None else None)
+    server = build_server(settings, Metrics(), link)
     server.reuse_port = link is not None
     await server.start(None if link is None else lambda: link.admitted(server))
     tune_gc()

@@ -1,4 +1,5 @@
-"""The one learner of `--workers N --online`, as the supervisor (lbproxy/workers.py) holds it.
+"""The one learner of `--workers N` (`--online`, or live training: lbproxy/train/live_workers.py), as
+the supervisor (lbproxy/workers.py) holds it.
 
 ONE learner process (lbproxy/rl/learner_process.py `LearnerHost`), started before the workers and
 stopped after they drained. Its replay is one shared-memory segment per worker slot
@@ -17,11 +18,14 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbproxy.config import Settings
 from lbproxy.rl.learner_process import LearnerHost
 from lbproxy.rl.shared_replay import Attachment
+
+if TYPE_CHECKING:
+    from lbproxy.rl.network import QNetwork
 
 log = logging.getLogger("lbproxy")
 
@@ -37,15 +41,26 @@ class SharedLearner:
         self._watch: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, settings: Settings, n_workers: int, metrics_dir: Path) -> SharedLearner:
-        """Load the served model, make the blocks and start the process (ConfigError: one line)."""
-        from lbproxy.policies.dqn_runtime import shared_learner_host
+    async def start(
+        cls,
+        settings: Settings,
+        n_workers: int,
+        metrics_dir: Path,
+        *,
+        init: QNetwork | None = None,
+        learner_state: dict[str, Any] | None = None,
+    ) -> SharedLearner:
+        """Load the served model (--online) or take the run's start state (live training: `init`,
+        `learner_state`), make the blocks and start the process (ConfigError: one line)."""
+        from lbproxy.policies.dqn_parts import shared_learner_host
         from lbproxy.rl.online import LEARNER_NICE
 
         cpus = sorted(os.sched_getaffinity(0))
         own_core = len(cpus) > n_workers
         nice = 0 if own_core else LEARNER_NICE
-        host = await asyncio.to_thread(shared_learner_host, settings, n_workers, str(metrics_dir), nice)
+        host = await asyncio.to_thread(
+            shared_learner_host, settings, n_workers, str(metrics_dir), nice, init, learner_state
+        )
         try:
             host.start()
         except BaseException:

@@ -21,8 +21,10 @@ from lbproxy.config import ConfigError, Settings
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from lbproxy.live_episodes import EpisodeTracker
     from lbproxy.proxy import ProxyServer
     from lbproxy.rl.shared_replay import Attachment
+    from lbproxy.train.live_workers import WorkerPlan
 
 
 class SupervisorGone(Exception):
@@ -35,6 +37,8 @@ class WorkerLink:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.learner: Attachment | None = None
+        self.training: WorkerPlan | None = None
+        """Live training (lbproxy/train/live_workers.py): the run's ε schedule; episodes go to the supervisor."""
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -43,6 +47,7 @@ class WorkerLink:
         """The settings line (blocking, before any loop runs); None when the supervisor is gone. It also
         says which slot of the supervisor's learner this worker feeds (`learner`), when there is one."""
         from lbproxy.rl.shared_replay import Attachment
+        from lbproxy.train.live_workers import WorkerPlan
 
         with self.sock.makefile("rb") as fh:  # closing the file leaves the socket open
             line = fh.readline()
@@ -50,6 +55,7 @@ class WorkerLink:
             return None
         msg = json.loads(line)
         self.learner = Attachment.from_json(msg["learner"]) if msg.get("learner") else None
+        self.training = WorkerPlan.from_json(msg["training"]) if msg.get("training") else None
         return Settings.model_validate(msg["settings"])
 
     async def admitted(self, server: ProxyServer) -> None:
@@ -83,6 +89,14 @@ class WorkerLink:
                 await self._writer.drain()
         except OSError:
             print(f"lbproxy: {exc}", file=sys.stderr, flush=True)
+
+    def send_episodes(self, tracker: EpisodeTracker, fallbacks: int) -> None:
+        """The tracker's finished episodes (and the fallback decisions since the last) to the supervisor."""
+        from lbproxy.train.live_workers import episode_message
+
+        if self._writer is not None and not self._writer.is_closing():
+            self._send(episode_message(tracker.completed, fallbacks))
+        tracker.completed.clear()
 
     def _send(self, msg: dict[str, Any]) -> None:
         assert self._writer is not None

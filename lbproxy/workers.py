@@ -26,8 +26,11 @@ back-off when it keeps dying early, counted in lbproxy_worker_restarts_total, lo
 
 Admin: one public listener for the whole proxy (lbproxy/proxy/admin_workers.py).
 
-Learning (`--online`): ONE learner process fed by every worker, started before the workers and stopped
-after they drained (lbproxy/shared_learner.py). Live training (`--mode train`) still needs one worker.
+Learning (`--online`, and live training): ONE learner process fed by every worker, started before the
+workers and stopped after they drained (lbproxy/shared_learner.py). In live training (`--mode train`)
+the supervisor also keeps the run (lbproxy/train/live_workers.py): the workers send their finished
+episodes on the control socket, and it writes the rows, checkpoints and final model and stops the
+workers after the last episode.
 
 Stop. SIGTERM/SIGINT to the supervisor: /readyz answers 503, every worker is told to drain (EOF), stops
 accepting, finishes its requests in flight (serve.DRAIN_TIMEOUT_S) and exits 0; the supervisor exits 0
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
 
     from lbproxy.proxy.admin_workers import AdminChanges
     from lbproxy.shared_learner import SharedLearner
+    from lbproxy.train.live_workers import WorkersTraining
 
 STOP_GRACE_S = 5.0
 """A draining worker gets serve.DRAIN_TIMEOUT_S plus this to exit before it is killed; a worker whose
@@ -140,7 +144,7 @@ def _how_it_ended(code: int) -> str:
 class Supervisor:
     """Starts `settings.workers` workers, keeps them running, owns the one admin listener, drains them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, training: WorkersTraining | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         from lbproxy.proxy.admin_workers import AdminChanges
@@ -173,6 +177,8 @@ class Supervisor:
         self._clean = True
         self.learner: SharedLearner | None = None
         """The one learner every worker feeds with --online (lbproxy/shared_learner.py), made by `run`."""
+        self.training = training
+        """Live training's run, kept here (lbproxy/train/live_workers.py); None when serving."""
 
     @property
     def live(self) -> list[Worker]:
@@ -187,7 +193,8 @@ class Supervisor:
         data = self.settings.model_dump(mode="json")
         data.update(admin_token=self.settings.admin_token, admin_host="127.0.0.1", admin_port=0, port=self.port)
         attach = None if self.learner is None else self.learner.attachment(index).to_json()
-        return json.dumps({"settings": data, "learner": attach}).encode() + b"\n"
+        plan = {} if self.training is None else self.training.worker_settings(data)
+        return json.dumps({"settings": data, "learner": attach, **plan}).encode() + b"\n"
 
     async def _run_worker(self, index: int) -> Worker:
         """Start worker `index`, admit it, and return once its process has exited."""
@@ -227,8 +234,10 @@ class Supervisor:
                         self._ready.set()
             if self.stopping:  # the stop came while it was starting: `_stop` found no socket to close
                 w.tell_to_stop()
-            with contextlib.suppress(ConnectionError):
-                await reader.read()  # EOF: the process is exiting
+            with contextlib.suppress(ConnectionError, ValueError):
+                while line := await reader.readline():  # a training worker's episodes, until EOF
+                    if self.training is not None:
+                        self.training.on_message(json.loads(line))
         finally:
             w.admitted = w.serving = False
             w.writer.close()
@@ -304,9 +313,13 @@ class Supervisor:
         self.port = holder.getsockname()[1]
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="lbproxy-metrics-"))
         runner: web.AppRunner | None = None
-        tasks: list[asyncio.Task[None]] = []
+        keeping: asyncio.Task[None] | None = None
+        """Live training's episode counter (lbproxy/train/live_workers.py)."""
         try:
-            if self.settings.online and self.settings.policy == "dqn":
+            if self.training is not None:
+                self.learner = await self.training.start_learner(self.n, self.metrics_dir)
+                keeping = loop.create_task(self.training.keep(stop))  # sets `stop` after the last episode
+            elif self.settings.online and self.settings.policy == "dqn":
                 from lbproxy.shared_learner import SharedLearner
 
                 self.learner = await SharedLearner.start(self.settings, self.n, self.metrics_dir)
@@ -314,7 +327,7 @@ class Supervisor:
             self.session = aiohttp.ClientSession(trust_env=False)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            tasks = [loop.create_task(self._keep(i)) for i in range(self.n)]
+            keepers = [loop.create_task(self._keep(i)) for i in range(self.n)]
             waits = [loop.create_task(stop.wait()), loop.create_task(self._ready.wait())]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if self._failed is None and not stop.is_set():
@@ -325,8 +338,14 @@ class Supervisor:
                 await waits[0]
             for t in waits:
                 t.cancel()
-            return await self._stop(tasks)
+            code = await self._stop(keepers)
+            if self.training is not None and keeping is not None and self._failed is None:
+                await keeping  # its checkpoint under way, if any, is written (and its error raised)
+                await asyncio.to_thread(self.training.finish)  # with the workers' last episodes
+            return code
         finally:
+            if keeping is not None:
+                keeping.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if self.session is not None:

@@ -7,6 +7,7 @@ import multiprocessing
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_
 from lbproxy.policies.dqn_runtime import create_dqn_runtime
 from lbproxy.policy import resolve
 from lbproxy.rl.online import BackgroundLearner
+from lbproxy.telemetry import Metrics
 from lbproxy.train.run_dir import ERROR_LOG, RunDir
 
 
@@ -214,3 +216,57 @@ def test_a_dead_learner_is_reported_once_where_the_runtime_reports(tmp_path: Pat
     lines = (tmp_path / ERROR_LOG).read_text().splitlines()
     assert len(lines) == 1 and "ERROR lbproxy: learner stopped (RuntimeError: injected learner fault)" in lines[0]
     rt.engine.close()
+
+
+async def test_training_workers_run_one_epsilon_schedule_on_their_decisions_together(tmp_path: Path) -> None:
+    """`--mode train --workers N` (lbproxy/train/live_workers.py): each worker writes its decision count
+    in its slot and puts ε at the run's start plus every slot's count; a restarted worker counts on
+    from its predecessor's. The shared learner is made, not started: only its blocks are used here."""
+    from lbproxy.policies.dqn_parts import epsilon_schedule, shared_learner_host
+    from lbproxy.rl.shared_replay import H_EPISODE, S_DECISIONS, Attachment
+
+    settings = small_settings(eps_start=1.0, eps_end=0.0, eps_fraction=1.0)
+    host = shared_learner_host(settings, 2, str(tmp_path), 0)
+    schedule = epsilon_schedule(settings, 1000)
+    view = ClusterView.create(2)
+
+    async def worker(slot: int, decisions: int) -> Any:
+        rt = create_dqn_runtime(
+            settings,
+            None,
+            Metrics(),
+            train=True,
+            total_decisions=1000,
+            epsilon_start_step=100,
+            attach=Attachment(host.shm.names, host.layout, slot),
+        )
+        await rt.start()
+        for n in range(decisions):
+            await resolve(rt.policy.decide(n % 3, view, now_s=n * 0.01))
+        return rt
+
+    try:
+        host.shm.arrays["head"][H_EPISODE] = 7
+        a = await worker(0, 30)
+        b = await worker(1, 20)
+        a.sync_training()  # what the gauge task does once a second: a's 30 are in its slot now
+        assert a.policy.explorer is not None and a.policy.explorer.step == 100 + 30
+        b.sync_training()
+        assert b.policy.explorer is not None and b.policy.explorer.step == 100 + 30 + 20
+        assert b.policy.epsilon == pytest.approx(schedule.value(150))
+        assert b.metrics is not None and b.metrics.registry.get_sample_value("lbproxy_episode") == 7  # the supervisor's
+        a.sync_training()
+        assert a.policy.explorer.step == 150
+        await a.stop()
+        successor = await worker(0, 5)  # worker 0 restarted: its predecessor's 30 still count
+        successor.sync_training()
+        assert successor.policy.explorer is not None and successor.policy.explorer.step == 100 + 35 + 20
+        for rt in (b, successor):
+            await rt.stop()
+        assert int(host.shm.arrays["slots"][:, S_DECISIONS].sum()) == 55
+    finally:
+        from multiprocessing import resource_tracker
+
+        for name in host.shm.names.values():  # the workers' attach took the names off THIS process's tracker
+            resource_tracker.register("/" + name, "shared_memory")
+        host.close()

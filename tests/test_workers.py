@@ -212,9 +212,8 @@ def test_sigterm_drains_every_worker_and_the_tree_exits_zero() -> None:
         slow.stop()
 
 
-def test_live_training_with_workers_is_refused_in_one_line() -> None:
-    extra = ["--mode", "train", "--env", "live"]
-    argv = [sys.executable, "-m", "lbproxy", "--workers", "2", "--backends", "http://127.0.0.1:9", *extra]
+def test_simulator_training_with_workers_is_refused_in_one_line() -> None:
+    argv = [sys.executable, "-m", "lbproxy", "--workers", "2", "--mode", "train", "--env", "sim"]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr == "lbproxy: --mode train needs --workers 1 for now (issue 12 item 2)\n"
+    assert result.stderr == "lbproxy: invalid setting --workers: simulator training runs in parallel with --actors N\n"

@@ -1,10 +1,10 @@
 """What the proxy runs for `--policy dqn`: the policy, its inference engine and, in train/online mode,
 the replay buffer and background learner, with the lifetime the app gives them.
 
-`create_dqn_runtime(settings, view, metrics)` builds it (serve.py calls it; train/live.py builds one
-in train mode). Its `lifespan` goes into `ProxyServer.lifespans` so the learner starts and stops
-with the proxy; a gauge task refreshes the learning gauges, runs the guardrail's test and reports a
-dead learner once a second.
+`create_dqn_runtime(settings, view, metrics)` builds it from its parts (policies/dqn_parts.py; serve.py
+calls it; train/live.py builds one in train mode). Its `lifespan` goes into `ProxyServer.lifespans` so
+the learner starts and stops with the proxy; a gauge task refreshes the learning gauges, runs the
+guardrail's test and reports a dead learner once a second.
 """
 
 from __future__ import annotations
@@ -18,25 +18,24 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lbproxy.config import ConfigError, Settings
+from lbproxy.config import Settings
 from lbproxy.guardrail import Guardrail
 from lbproxy.live_episodes import EpisodeTracker
-from lbproxy.observe import MAX_BACKENDS, ClusterView, feature_dim, learning_width
+from lbproxy.observe import MAX_BACKENDS, ClusterView, learning_width
 from lbproxy.policies.dqn import DqnPolicy
+from lbproxy.policies.dqn_parts import devices, epsilon_schedule, learner_for, load_serving_model
 from lbproxy.proxy.batched_metrics import BatchedHistogram
 from lbproxy.rl.batcher import InferenceEngine
-from lbproxy.rl.learner_process import LearnerHost, ProcessLearner
 from lbproxy.rl.online import BackgroundLearner
+from lbproxy.rl.process_learner import ProcessLearner
 from lbproxy.rl.reward_join import RewardJoin
-from lbproxy.rl.schedule import EpsilonSchedule
-from lbproxy.rl.shared_replay import Attachment, Layout
-from lbproxy.rl.update_pacer import UpdatePacer
 from lbproxy.telemetry import Metrics
 
 if TYPE_CHECKING:
     import torch
 
     from lbproxy.rl.network import QNetwork
+    from lbproxy.rl.shared_replay import Attachment
 
 GAUGE_INTERVAL_S = 1.0
 """Learning gauges (ε, loss, updates, replay size) are refreshed this often, not per request."""
@@ -54,13 +53,14 @@ class DqnRuntime:
     engine: InferenceEngine
     learner: BackgroundLearner | ProcessLearner | None = None
     metrics: Metrics | None = None
-    arch: dict[str, Any] | None = None
-    """{"hidden", "width"} of the network being trained (train/online), for checkpoints."""
     batch_sizes: BatchedHistogram | None = None
     model_arch: dict[str, Any] | None = None
     """QNetwork.arch() of the served model (greedy serving): a CUDA engine swaps only same-shape weights."""
     report: Callable[[str], None] = _to_stderr
     """Where a dead learner is reported (live training also writes it to the run's error log)."""
+    run_start_step: int | None = None
+    """A live-training worker of `--workers N`: the run's ε position at its start; ε then runs on the
+    decisions of every worker together (`sync_training`)."""
     _gauge_task: asyncio.Task[None] | None = None
     _reported_updates: int = 0
     _error_reported: bool = False
@@ -79,6 +79,7 @@ class DqnRuntime:
         loop = asyncio.get_running_loop()
         if self.learner is not None:
             self.learner.start(loop)
+        self.sync_training()
         self._gauge_task = loop.create_task(self._gauges())
 
     async def stop(self) -> None:
@@ -88,6 +89,7 @@ class DqnRuntime:
                 await self._gauge_task
             self._gauge_task = None
         self.policy.flush_joins()  # nothing joined is lost
+        self.sync_training()  # a training worker's last decisions count in the run's
         if self.learner is not None:
             await asyncio.to_thread(self.learner.stop)
             self.check_learner()
@@ -122,11 +124,24 @@ class DqnRuntime:
             guard = self.policy.guardrail
             if guard is not None:
                 guard.evaluate(loop.time())  # ~1-2 ms per tested class, once a second
+            self.sync_training()
             self.update_gauges()
             join = self.policy.join
             if join is not None:
                 join.table.expire(loop.time())
             self.check_learner()
+
+    def sync_training(self) -> None:
+        """A live-training worker of `--workers N` (lbproxy/train/live_workers.py): put the ε schedule at
+        the decisions of every worker together, and the episode gauge at the supervisor's count. Once a
+        second: between two calls ε runs on this worker's own decisions."""
+        lrn, explorer = self.learner, self.policy.explorer
+        if self.run_start_step is None or not isinstance(lrn, ProcessLearner) or explorer is None:
+            return
+        decisions, episode = lrn.count_decisions(self.policy.decisions)
+        explorer.restore(self.run_start_step + decisions)
+        if self.metrics is not None:
+            self.metrics.episode.set(episode)
 
     def check_learner(self) -> bool:
         """A dead learner (thread or process) is reported once: one line, lbproxy_learner_failures_total.
@@ -166,142 +181,6 @@ class DqnRuntime:
         trained_by = meta.get("trained_by", meta.get("env"))
         trained_by = None if trained_by is None else str(trained_by)[:200]
         return {"model": str(path), "model_version": self.engine.version, "arch": net.arch(), "trained_by": trained_by}
-
-
-def load_serving_model(settings: Settings) -> QNetwork:
-    """The model to serve: --model, else the shipped default. Missing/mismatched -> ConfigError (one line)."""
-    from lbproxy.rl.checkpoint import CheckpointError, default_model_path, load_model
-
-    path = settings.model if settings.model is not None else default_model_path()
-    if not path.is_file():
-        hint = (
-            "pass --model PATH to an existing model"
-            if settings.model is not None
-            else "train one with `lbproxy --mode train --env sim` or pass --model PATH"
-        )
-        raise ConfigError(f"model file {str(path)!r} not found; {hint}")
-    try:
-        net, _meta = load_model(path, device="cpu")
-    except CheckpointError as exc:
-        raise ConfigError(str(exc) if str(path) in str(exc) else f"cannot load model {str(path)!r}: {exc}") from None
-    return net
-
-
-def _devices(settings: Settings) -> tuple[torch.device, torch.device]:
-    """(learner device, inference device). `auto`: live inference stays inline on the CPU even beside
-    a GPU (the learner takes the GPU): whatever the device's speed, the off-loop round trip costs the
-    event loop itself more than the inline NumPy pass does for this model: 4.3 vs 1.5 µs per decision
-    at 256 requests per loop iteration, 16 vs 3 at 8 (benchmarks/results/decision_latency.md).
-    `--device cuda` asks for both."""
-    import torch
-
-    from lbproxy.rl.learner import resolve_device
-
-    device = resolve_device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or --device cpu")
-    return device, torch.device("cpu") if settings.device == "auto" else device
-
-
-def _core(settings: Settings, device: torch.device, init: QNetwork | None, learner_state: dict[str, Any] | None) -> Any:
-    """(Learner, DqnConfig): weights from `learner_state`, else `init`, else fresh."""
-    from lbproxy.rl.learner import DqnConfig, Learner
-
-    cfg = DqnConfig.from_settings(settings)
-    if init is not None:
-        cfg = dataclasses.replace(cfg, hidden=init.hidden)
-    core = Learner(cfg, device=device)
-    if learner_state is not None:
-        core.load_state_dict(learner_state)
-    elif init is not None:
-        core.online.load_state_dict(init.state_dict())
-        core.target.load_state_dict(init.state_dict())
-    return core, cfg
-
-
-def _n_params(core: Any) -> int:
-    return sum(v.numel() for v in core.online.state_dict().values())
-
-
-def _pacer(settings: Settings, capacity: int) -> UpdatePacer:
-    return UpdatePacer(
-        settings.updates_per_decision, settings.learning_starts, batch_size=settings.batch_size, capacity=capacity
-    )
-
-
-def shared_learner_host(settings: Settings, n_slots: int, metrics_dir: str, nice: int) -> LearnerHost:
-    """The one learner of `--workers N --online` (lbproxy/workers.py starts it): the served model's
-    weights, a replay of --buffer-size rows split into one segment per worker. Not started. Its start
-    state is built on the CPU: the supervisor never touches a GPU, the process moves it to `device`."""
-    import torch
-
-    device, _ = _devices(settings)
-    core, cfg = _core(settings, torch.device("cpu"), load_serving_model(settings), None)
-    width = learning_width(max(1, len(settings.backends)))
-    layout = Layout(n_slots, max(1, settings.buffer_size // n_slots), feature_dim(width), width, _n_params(core))
-    return LearnerHost(
-        core,
-        cfg,
-        layout,
-        pacer=_pacer(settings, n_slots * layout.slot_capacity),
-        batch_size=settings.batch_size,
-        weight_sync_every=settings.weight_sync_every,
-        device=device,
-        nice=nice,
-        metrics_dir=metrics_dir,
-    )
-
-
-def _learner(
-    settings: Settings,
-    engine: InferenceEngine,
-    width: int,
-    device: torch.device,
-    init: QNetwork | None,
-    learner_state: dict[str, Any] | None,
-    attach: Attachment | None = None,
-) -> BackgroundLearner | ProcessLearner:
-    """The replay buffer and background learner: a thread, a process with --learner-process, or the
-    supervisor's process this worker is `attach`ed to; the engine starts from the learner's weights."""
-    from lbproxy.rl.network import QNetwork
-    from lbproxy.rl.replay import ReplayBuffer
-
-    core, cfg = _core(settings, device, init, learner_state)
-    capacity = attach.layout.slot_capacity if attach is not None else settings.buffer_size
-    replay = ReplayBuffer(capacity, feature_dim(width), width, seed=settings.seed)
-    if attach is not None and (attach.layout.obs_dim, attach.layout.n_actions) != (replay.obs_dim, width):
-        raise ConfigError(f"this worker's state ({replay.obs_dim}, {width}) differs from the shared learner's")
-    serving_net = QNetwork(cfg.hidden)
-    serving_net.load_state_dict({k: v.detach().cpu() for k, v in core.online.state_dict().items()})
-    engine.load_network(serving_net)
-    pacer = _pacer(settings, replay.capacity)
-    bs, every, publish, prepare = settings.batch_size, settings.weight_sync_every, engine.publish, engine.prepare
-    if attach is not None:
-        return ProcessLearner(core, replay, attach=attach, publish=publish, prepare=prepare)
-    if settings.learner_process:
-        layout = Layout(1, replay.capacity, replay.obs_dim, width, _n_params(core))
-        host = LearnerHost(core, cfg, layout, pacer=pacer, batch_size=bs, weight_sync_every=every, device=device)
-        return ProcessLearner(core, replay, host=host, publish=publish, prepare=prepare)
-    return BackgroundLearner(
-        core,
-        replay,
-        pacer=pacer,
-        batch_size=bs,
-        weight_sync_every=every,
-        publish=publish,
-        prepare=prepare,
-        device=device,
-    )
-
-
-def _epsilon_schedule(settings: Settings, total_decisions: int | None) -> EpsilonSchedule:
-    """Training: from eps_start to eps_end over eps_fraction of `total_decisions`. Online learning
-    while serving (None): ε stays at eps_end, so the agent keeps sampling the alternatives it learns
-    about."""
-    s = settings
-    if total_decisions is None:
-        return EpsilonSchedule(s.eps_end, s.eps_end, 1)
-    return EpsilonSchedule.for_training(s.eps_start, s.eps_end, s.eps_fraction, total_decisions)
 
 
 def _guardrail(settings: Settings, metrics: Metrics | None) -> Guardrail | None:
@@ -357,15 +236,15 @@ def create_dqn_runtime(
     # Learning: the replay's width (memory grows with it; a backend added at runtime past it is routed
     # by the fallback). Serving only: room for every slot the pool can ever have.
     width = learning_width(n) if learning else MAX_BACKENDS
-    device, infer_device = _devices(settings)
+    device, infer_device = devices(settings)
     if net is None and not is_train:  # --online learns on from the served model
         net = load_serving_model(settings)
     engine, batch_sizes = _engine(engine_cls, settings, width, infer_device, metrics)
     learner = join = schedule = None
     if learning:
-        learner = _learner(settings, engine, width, device, net, learner_state, attach)
+        learner = learner_for(settings, engine, width, device, net, learner_state, attach)
         join = RewardJoin(width, settings.error_penalty, bootstrap=settings.gamma > 0.0, sink=learner.add_transitions)
-        schedule = _epsilon_schedule(settings, total_decisions if is_train else None)
+        schedule = epsilon_schedule(settings, total_decisions if is_train else None)
     else:
         assert net is not None
         engine.load_network(net)
@@ -385,7 +264,7 @@ def create_dqn_runtime(
         engine=engine,
         learner=learner,
         metrics=metrics,
-        arch={"hidden": net.hidden if net is not None else settings.hidden, "width": width},
         batch_sizes=batch_sizes,
         model_arch=net.arch() if not learning and net is not None else None,
+        run_start_step=epsilon_start_step if is_train and attach is not None else None,
     )

@@ -1,15 +1,17 @@
 """The learner process's shared memory: one replay segment per producer, a head, the weights.
 
-One learner process (rl/learner_process.py) is fed by one proxy (`--learner-process`) or by every
-worker of `--workers N --online` (lbproxy/workers.py). The replay is N contiguous segments of equal
-capacity, one per producer slot: each has exactly one writer (the slot's event loop, whose ReplayBuffer
-writes straight into its segment) and keeps its own size, write position and fed count in its row of
-`slots`, so nothing on the hot path takes a lock or pickles, and a restarted worker picks its segment up
-where its predecessor left it. The learner samples uniformly over the filled rows of all segments
-(`SegmentedReplay`) and paces its updates on the sum of the fed counts (rl/update_pacer.py).
+One learner process (rl/learner_process.py) is fed by one proxy (`--learner-process`) or by every worker
+of `--workers N` (lbproxy/workers.py: --online or live training). The replay is N contiguous segments of
+equal capacity, one per producer slot: each has exactly one writer (the slot's event loop, whose
+ReplayBuffer writes straight into its segment) and keeps its own size, write position and fed count in
+its row of `slots`, so nothing on the hot path takes a lock or pickles, and a restarted worker picks its
+segment up where its predecessor left it. The learner samples uniformly over the filled rows of all
+segments (`SegmentedReplay`) and paces its updates on the sum of the fed counts (rl/update_pacer.py).
 
 Blocks (`Layout.specs`): the six replay fields with a leading slot axis, `head` (updates, weights
-version, stop flag), `slots` (size, position, fed, the weights version the slot's worker serves),
+version, stop flag, and in live training the episode the supervisor counted), `slots` (size, position,
+fed, the weights version the slot's worker serves, and in live training the decisions its workers
+took: the ε schedule runs on their sum, lbproxy/train/live_workers.py),
 `stats` (last loss, loss sum, loss count) and `weights`: a double buffer the learner writes the
 version's slot of before it bumps the version, so a reader copies a buffer no one is writing.
 """
@@ -26,8 +28,8 @@ import torch
 from lbproxy.rl.replay import ReplayBuffer, ReplaySamples
 
 REPLAY_FIELDS = ("obs", "actions", "rewards", "next_obs", "next_mask", "dones")
-H_UPDATES, H_VERSION, H_STOP = range(3)
-S_SIZE, S_POS, S_FED, S_VERSION = range(4)
+H_UPDATES, H_VERSION, H_STOP, H_EPISODE = range(4)
+S_SIZE, S_POS, S_FED, S_VERSION, S_DECISIONS = range(5)
 F_LAST_LOSS, F_LOSS_SUM, F_LOSS_N = range(3)
 Specs = dict[str, tuple[tuple[int, ...], str]]
 
@@ -52,7 +54,7 @@ class Layout:
             "next_mask": ((s, c, self.n_actions), "bool"),
             "dones": ((s, c), "float32"),
             "head": ((8,), "int64"),
-            "slots": ((s, 4), "int64"),
+            "slots": ((s, 5), "int64"),
             "stats": ((4,), "float64"),
             "weights": ((2, self.n_params), "float32"),
         }

@@ -10,6 +10,10 @@ end, a stop signal is how it ends (the simulator trainer, whose run is unfinishe
 143 instead). A SIGKILL loses only what came after the last checkpoint: checkpoints are written
 atomically (lbproxy/rl/checkpoint.py).
 
+With `--workers N` the N workers route and feed ONE learner process, and the supervisor keeps this
+run (lbproxy/train/live_workers.py): both drivers write through one `LiveRun`, so the CSV, the
+checkpoints and `--resume` are the same whatever the worker count, and a run may resume with another.
+
 Resume (`--resume`) restores weights, target, optimizer, update count, ε position, the episode
 counter and the episodes of the row being accumulated. The replay buffer is NOT checkpointed live
 (100k transitions is ~70 MB per checkpoint, and live traffic refills it in seconds); learning
@@ -19,14 +23,17 @@ restarts once `learning_starts` transitions arrived.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lbproxy.config import ConfigError, Settings
 from lbproxy.live_episodes import EpisodeTracker
+from lbproxy.observe import learning_width
 from lbproxy.policies.dqn_runtime import DqnRuntime, create_dqn_runtime
 from lbproxy.serve import run_async
 from lbproxy.telemetry import Metrics
@@ -34,6 +41,7 @@ from lbproxy.train.report import MetricsWindow, Progress, metrics_row
 from lbproxy.train.run_dir import RunDir
 
 if TYPE_CHECKING:
+    from lbproxy.observe import WindowSummary
     from lbproxy.proxy import ProxyServer
     from lbproxy.rl.network import QNetwork
 
@@ -42,28 +50,50 @@ LIVE_FORMAT = "lbproxy-live/2"
 DRAIN_TIMEOUT_S = 10.0
 
 
-class LiveTrainer:
+class Trainee(Protocol):
+    """What a row, a checkpoint and the final model read from the learning side, wherever it runs."""
+
+    @property
+    def last_loss(self) -> float: ...
+    @property
+    def total_updates(self) -> int: ...
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def fallbacks(self) -> int: ...
+    @property
+    def decisions(self) -> int:
+        """Decisions of the whole run, those before a --resume included (the ε position)."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """The learner's state (off the loop: it may wait for a learner process)."""
+
+
+class LiveRun:
+    """One live-training run's bookkeeping, whoever routes: the episode count, the CSV rows and progress
+    lines, the checkpoints and the final model, in RUN_DIR (train/run_dir.py)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.run_dir = RunDir(settings.run_dir)
         self.total_episodes = settings.resolved_episodes()
         self.episode = 0
         self.start_step = 0
-        self.metrics = Metrics()
         self.window = MetricsWindow()
         self.progress = Progress(self.total_episodes, 0)
         self.t0 = time.monotonic()
-        self.rt: DqnRuntime | None = None
-        # Gini is capacity-normalised: configured weights are the live capacity (DESIGN.md §6).
-        self.capacity = [b.weight for b in settings.backends]
+        self.arch: dict[str, Any] = {"hidden": settings.hidden, "width": learning_width(max(1, len(settings.backends)))}
+        """The trained network's, for checkpoints: --init-model's hidden size when one is given."""
+        self.csv: Any = None
 
-    # --- set-up ---------------------------------------------------------------------------------
-    def _initial_state(self) -> tuple[QNetwork | None, dict[str, Any] | None]:
-        """(init network or None, learner state or None) from --resume / --init-model."""
+    def initial_state(self) -> tuple[QNetwork | None, dict[str, Any] | None]:
+        """(init network or None, learner state or None) from --resume / --init-model; opens the CSV."""
         from lbproxy.rl.checkpoint import CheckpointError, load_model
 
         s = self.settings
         opened = self.run_dir.open(resume=s.resume, fmt=LIVE_FORMAT, trainer="live-training")
+        net: QNetwork | None = None
+        state: dict[str, Any] | None = None
         if opened is not None:
             path, payload = opened
             with RunDir.restoring(path):
@@ -76,168 +106,222 @@ class LiveTrainer:
                 self.episode = int(payload["episode"])
                 self.start_step = int(payload["decisions"])
                 self.window = MetricsWindow.from_state(payload["window"])
-                return None, dict(payload["learner"])
-        if s.init_model is not None:
+                state = dict(payload["learner"])
+        elif s.init_model is not None:
             if not Path(s.init_model).is_file():
                 raise ConfigError(f"--init-model {str(s.init_model)!r} not found; pass an existing model file")
             try:
                 net, _meta = load_model(Path(s.init_model), device="cpu")
             except CheckpointError as exc:
                 raise ConfigError(str(exc)) from None
-            return net, None
-        return None, None
+            self.arch["hidden"] = net.hidden
+        self.progress = Progress(self.total_episodes, self.episode)
+        self.csv = self.run_dir.metrics_writer()
+        return net, state
 
-    # --- episode bookkeeping --------------------------------------------------------------------
-    def _on_episodes(self, tracker: EpisodeTracker, stop: asyncio.Event) -> list[int]:
-        """Consume completed episode windows; returns the episode numbers that need a checkpoint."""
-        due: list[int] = []
+    @property
+    def done(self) -> bool:
+        return self.episode >= self.total_episodes
+
+    @property
+    def total_decisions(self) -> int:
+        """What the ε schedule runs over."""
+        return self.total_episodes * self.settings.episode_decisions
+
+    def add(self, summaries: list[WindowSummary], trainee: Trainee) -> bool:
+        """Count finished episodes (those past --episodes are dropped) up to the next one due a
+        checkpoint: True when `episode` is, so that the caller saves it before counting on."""
         s = self.settings
-        rt = self.rt
-        assert rt is not None
-        while tracker.completed and self.episode < self.total_episodes:
-            stats = tracker.completed.pop(0)
-            cap = (self.capacity + [1.0] * len(stats.load))[: len(stats.load)]  # backends added at runtime: 1.0
-            self.window.add(stats.summary(cap), rt.learner.last_loss if rt.learner is not None else float("nan"))
+        while summaries and not self.done:
+            self.window.add(summaries.pop(0), trainee.last_loss)
             self.episode += 1
-            self.metrics.episode.set(self.episode)
-            if self.episode % s.metrics_every == 0 or self.episode == self.total_episodes:
-                self._write_row()
+            if self.episode % s.metrics_every == 0 or self.done:
+                self.write_row(trainee)
             if self.episode % s.checkpoint_every == 0:
-                due.append(self.episode)
-            if self.episode >= self.total_episodes:
-                stop.set()
-        return due
+                return True
+        return False
 
-    def _write_row(self) -> None:
+    def write_row(self, trainee: Trainee) -> None:
         """The row of the episodes since the last one, and the progress line."""
         if not self.window.rows:
             return
-        rt = self.rt
-        assert rt is not None
         means = self.window.means()
         self.window = MetricsWindow()
-        lrn = rt.learner
-        updates = lrn.total_updates if lrn is not None else 0
+        updates = trainee.total_updates
         wall_s = time.monotonic() - self.t0
-        epsilon = rt.policy.epsilon
+        epsilon = trainee.epsilon
         self.csv.write(metrics_row(self.episode, "live", means, epsilon=epsilon, updates=updates, wall_s=wall_s))
-        fallbacks = sum(rt.policy.fallback_counts.values())
-        extra = f"  updates {updates}  fallbacks {fallbacks}"
+        extra = f"  updates {updates}  fallbacks {trainee.fallbacks}"
         self.progress.row(self.episode, "live", means, epsilon=epsilon, wall_s=wall_s, extra=extra)
 
-    # --- checkpoints ----------------------------------------------------------------------------
-    def _save_checkpoint(self) -> Path:
-        rt = self.rt
-        assert rt is not None and rt.learner is not None and rt.arch is not None
+    def save_checkpoint(self, trainee: Trainee) -> Path:
         payload = {
             "format": LIVE_FORMAT,
             "episode": self.episode,
-            "decisions": self.start_step + rt.policy.decisions,
-            "learner": rt.learner.snapshot(),
-            "arch": dict(rt.arch),
+            "decisions": trainee.decisions,
+            "learner": trainee.snapshot(),
+            "arch": dict(self.arch),
             "seed": self.settings.seed,
             "window": self.window.state(),
         }
         return self.run_dir.save_checkpoint(self.episode, payload, self.settings.keep_checkpoints)
 
-    def _save_final(self) -> Path:
+    def finish(self, trainee: Trainee, leftover: list[WindowSummary], what: str) -> None:
+        """After the stop and the drain: the last episodes and row, a checkpoint, dqn_final.pth, the line."""
         from lbproxy.rl.network import QNetwork
 
-        rt = self.rt
-        assert rt is not None and rt.learner is not None and rt.arch is not None
-        state = rt.learner.snapshot()
-        net = QNetwork(rt.arch["hidden"])
+        while self.add(leftover, trainee):
+            self.save_checkpoint(trainee)
+        self.write_row(trainee)
+        ckpt = self.save_checkpoint(trainee)
+        state = trainee.snapshot()
+        net = QNetwork(self.arch["hidden"])
         net.load_state_dict({k: v.cpu() for k, v in state["online"].items()})
-        meta = {"env": "live", "episodes": self.episode, "decisions": self.start_step + rt.policy.decisions}
-        return self.run_dir.save_final(net, meta)
+        final = self.run_dir.save_final(net, {"env": "live", "episodes": self.episode, "decisions": trainee.decisions})
+        self.csv.close()
+        print(
+            f"lbproxy train ({what}): stopped after episode {self.episode}; checkpoint {ckpt}, model {final}",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    # --- main -----------------------------------------------------------------------------------
-    async def _start(self) -> tuple[ProxyServer, EpisodeTracker]:
+
+async def until_stopped(stop: asyncio.Event, wake: asyncio.Event, step: Callable[[], Awaitable[None]]) -> None:
+    """Await `step()` after every `wake` until `stop` is set (a step under way is finished)."""
+    while not stop.is_set():
+        stop_wait = asyncio.ensure_future(stop.wait())
+        wake_wait = asyncio.ensure_future(wake.wait())
+        await asyncio.wait({stop_wait, wake_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for f in (stop_wait, wake_wait):
+            f.cancel()
+        wake.clear()
+        await step()
+
+
+@contextlib.contextmanager
+def stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set `stop` while the block runs."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class RuntimeTrainee:
+    """The single-process trainee: this proxy's dqn runtime and its learner."""
+
+    def __init__(self, rt: DqnRuntime, start_step: int) -> None:
+        assert rt.learner is not None
+        self.rt = rt
+        self.learner = rt.learner
+        self.start_step = start_step
+
+    @property
+    def last_loss(self) -> float:
+        return self.learner.last_loss
+
+    @property
+    def total_updates(self) -> int:
+        return self.learner.total_updates
+
+    @property
+    def epsilon(self) -> float:
+        return self.rt.policy.epsilon
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(self.rt.policy.fallback_counts.values())
+
+    @property
+    def decisions(self) -> int:
+        return self.start_step + self.rt.policy.decisions
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.learner.snapshot()
+
+
+class LiveTrainer:
+    """`--workers 1`: this process routes, learns (thread, or process with --learner-process) and keeps the run."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.run = LiveRun(settings)
+        self.metrics = Metrics()
+
+    async def _start(self) -> tuple[ProxyServer, EpisodeTracker, RuntimeTrainee]:
         """The runtime (learner in train mode) behind a started proxy."""
         from lbproxy.proxy import ProxyServer
         from lbproxy.proxy.admin import admin_token
         from lbproxy.serve import tune_gc
 
-        s = self.settings
+        s, run = self.settings, self.run
         admin_token(s)  # an exposed admin listener without a token: refuse before loading anything
-        net, learner_state = self._initial_state()
-        self.progress = Progress(self.total_episodes, self.episode)
-        tracker = EpisodeTracker(len(s.backends), s.episode_decisions, s.error_penalty)
-        self.rt = rt = create_dqn_runtime(
+        net, learner_state = run.initial_state()
+        tracker = EpisodeTracker(len(s.backends), s.episode_decisions, s.error_penalty, [b.weight for b in s.backends])
+        rt = create_dqn_runtime(
             s,
             None,
             self.metrics,
             train=True,
             net=net,
-            total_decisions=self.total_episodes * s.episode_decisions,
+            total_decisions=run.total_decisions,
             learner_state=learner_state,
-            epsilon_start_step=self.start_step,
+            epsilon_start_step=run.start_step,
             tracker=tracker,
         )
-        rt.report = self.run_dir.log.error  # a dead learner: on stderr and in the run's error log
-        self.csv = self.run_dir.metrics_writer()
+        rt.report = run.run_dir.log.error  # a dead learner: on stderr and in the run's error log
         server = ProxyServer(s, rt.policy, self.metrics)
         server.lifespans.append(rt.lifespan)  # learner thread + gauges start/stop with the proxy
         await server.start()
         tune_gc()
         print(
             f"lbproxy train (live): proxy on {s.host}:{server.port}, admin {s.admin_host}:{server.admin_port}, "
-            f"{len(s.backends)} backends, episodes {self.episode}->{self.total_episodes} x {s.episode_decisions} "
-            f"decisions, run dir {self.run_dir.root}",
+            f"{len(s.backends)} backends, episodes {run.episode}->{run.total_episodes} x {s.episode_decisions} "
+            f"decisions, run dir {run.run_dir.root}",
             file=sys.stderr,
             flush=True,
         )
-        return server, tracker
+        return server, tracker, RuntimeTrainee(rt, run.start_step)
 
-    async def _train(self, tracker: EpisodeTracker) -> None:
-        """Until a stop signal or the last episode: consume episodes, checkpoint those due."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        wake = asyncio.Event()
+    async def main(self) -> int:
+        server, tracker, trainee = await self._start()
+        run = self.run
+        stop, wake = asyncio.Event(), asyncio.Event()
         tracker.on_episode = wake.set
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        if self.episode >= self.total_episodes:
-            stop.set()
-        try:
-            while not stop.is_set():
-                stop_wait = asyncio.ensure_future(stop.wait())
-                wake_wait = asyncio.ensure_future(wake.wait())
-                await asyncio.wait({stop_wait, wake_wait}, return_when=asyncio.FIRST_COMPLETED)
-                for f in (stop_wait, wake_wait):
-                    f.cancel()
-                wake.clear()
-                for _ep in self._on_episodes(tracker, stop):
-                    await asyncio.to_thread(self._save_checkpoint)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
 
-    async def run(self) -> int:
-        server, tracker = await self._start()
-        with self.run_dir.log.capturing():
+        async def step() -> None:
+            while run.add(tracker.completed, trainee):
+                await asyncio.to_thread(run.save_checkpoint, trainee)
+            self.metrics.episode.set(run.episode)
+            if run.done:
+                stop.set()
+
+        with run.run_dir.log.capturing():
             try:
-                await self._train(tracker)
+                if run.done:
+                    stop.set()
+                with stopped_by_signals(stop):
+                    await until_stopped(stop, wake, step)
             except Exception as exc:
-                self.run_dir.log.write("ERROR", f"live training stopped: {type(exc).__name__}: {exc}", exc)
+                run.run_dir.log.write("ERROR", f"live training stopped: {type(exc).__name__}: {exc}", exc)
                 raise
             finally:
                 await server.stop(DRAIN_TIMEOUT_S)  # drains in-flight requests, then stops the learner
-                self._on_episodes(tracker, asyncio.Event())
-                self._write_row()
-                ckpt = await asyncio.to_thread(self._save_checkpoint)
-                final = await asyncio.to_thread(self._save_final)
-                self.csv.close()
-                print(
-                    f"lbproxy train (live): stopped after episode {self.episode}; checkpoint {ckpt}, model {final}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                await asyncio.to_thread(run.finish, trainee, tracker.completed, "live")
         return 0
 
 
 def run_train_live(settings: Settings) -> int:
-    """Entry point for `lbproxy --mode train` with backends (or `--env live`)."""
+    """Entry point for `lbproxy --mode train` with backends (or `--env live`); `--workers N` above 1
+    runs the workers under the supervisor, which keeps the run (lbproxy/train/live_workers.py)."""
     if not settings.backends:
         raise ConfigError("live training needs backends; pass --backends URL[,URL] or --cluster-file FILE")
-    return run_async(LiveTrainer(settings).run())
+    if settings.workers > 1:
+        from lbproxy.train.live_workers import run_train_workers
+
+        return run_train_workers(settings)
+    return run_async(LiveTrainer(settings).main())
