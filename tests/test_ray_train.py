@@ -185,6 +185,32 @@ def test_actors_without_ray_is_one_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [f"lbproxy: {RAY_MISSING}"], proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port} (Connection refused); start the cluster"),
+        ("ray://127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port} (Connection refused); start the cluster"),
+        ("not-an-address", "expected auto, HOST:PORT or ray://HOST:PORT"),
+    ],
+)
+def test_a_ray_address_nobody_answers_at_is_one_line(tmp_path: Path, address: str, says: str) -> None:
+    """Refused at once, not after Ray's own minute of retries (the subprocess timeout bounds it)."""
+    from support import free_port
+
+    port = free_port()  # bound and released: nothing listens there
+    address, says = address.format(port=port), says.format(port=port)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lbproxy", *flags(tmp_path / "run", actors=1, ray_address=address)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lbproxy: --ray-address {address}: {says}"), proc.stderr
+
+
 def test_the_ray_training_benchmark_runs(tmp_path: Path) -> None:
     """benchmarks/ray_training.py end to end with tiny settings (it starts its own local Ray, beside
     this module's, as the Ctrl-C test's command does). Here rather than in test_benchmarks.py: the

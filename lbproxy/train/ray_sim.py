@@ -54,6 +54,36 @@ def import_ray() -> Any:
     return ray
 
 
+RAY_PROBE_TIMEOUT_S = 3.0
+"""How long `--ray-address HOST:PORT` may take to accept a TCP connection before the run refuses it:
+Ray itself retries an address nobody answers at for a minute or more before it says so."""
+
+
+def probe_ray_address(address: str) -> None:
+    """ConfigError (one line) when nothing accepts connections at `--ray-address` HOST:PORT or
+    ray://HOST:PORT. `auto` and `local` are Ray's to resolve (a missing local cluster fails fast)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise ConfigError(f"--ray-address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=RAY_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers at {host}:{port} ({why}); "
+            "start the cluster (`ray start --head`) or fix the address"
+        ) from None
+
+
 class RaySimTrainer(SimTrainerBase):
     """`--env sim --actors N`: rounds of N episodes on N Ray actors, one learner here."""
 
@@ -61,6 +91,8 @@ class RaySimTrainer(SimTrainerBase):
 
     def __init__(self, settings: Settings) -> None:
         self.ray = import_ray()  # first: without Ray, nothing else is worth building
+        if settings.ray_address and not self.ray.is_initialized():
+            probe_ray_address(settings.ray_address)
         super().__init__(settings)
         self.actors = settings.actors
         self.fp["actors"] = self.actors
