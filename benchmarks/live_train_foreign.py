@@ -1,7 +1,9 @@
 """Live DQN training from scratch on foreign backends under open-loop load, against the fallback heuristic.
 
     .venv/bin/python benchmarks/live_train_foreign.py [--workers 1,2,4,8] [--load 0.8] [--train-s 300]
-        [--eval-s 30] [--rounds 3] [--init-model PATH]
+        [--eval-s 30] [--rounds 3] [--init-model PATH] [--proxy-workers N]
+
+(`--workers` is the backends' sync workers; `--proxy-workers` the trainer's own `--workers`.)
 
 The acceptance target it measures: live training from scratch on foreign backends at 80 % load keeps
 the client p99 during training within 1.5x the fallback heuristic's on the same load, no request
@@ -80,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--slice-s", type=float, default=60.0, help="slice length of the per-slice table")
     ap.add_argument("--eps-floor-at", type=float, default=EPS_FLOOR_AT, help="share of the training requests")
     ap.add_argument("--episode-decisions", type=int, default=256)
+    ap.add_argument(
+        "--proxy-workers", type=int, default=1, help="the trainer's --workers (N workers feeding one learner)"
+    )
     ap.add_argument("--init-model", type=Path, default=None, help="start training from this model, not scratch")
     ap.add_argument("--run-dir", type=Path, default=None, help="trainer's run dir (default runs/live_train_foreign-*)")
     ap.add_argument("--eval-s", type=float, default=30.0, help="seconds of measured arrivals per evaluation run")
@@ -104,7 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     with live_cluster(args) as (cluster, facts):
         schedule = poisson_schedule(facts.rate_rps, args.train_s, args.seed, facts.mix)
         print(f"train: {len(schedule)} requests over {args.train_s:g} s, run dir {run_dir}", flush=True)
-        tr = train(cluster, schedule, run_dir, args.grace_s, args.init_model, args.eps_floor_at, args.episode_decisions)
+        tr = train(
+            cluster,
+            schedule,
+            run_dir,
+            args.grace_s,
+            args.init_model,
+            args.eps_floor_at,
+            args.episode_decisions,
+            workers=args.proxy_workers,
+        )
         facts.loads["train"] = os.getloadavg()[0]
         print(f"train        {tr.measurement.summary.line()}; trainer exit {tr.exit_code}", flush=True)
         fb = measure(cluster, FALLBACK, schedule, warmup_s=0.0, grace_s=args.grace_s)
@@ -189,7 +203,8 @@ def setup_lines(
         f"req/s, mix light/heavy/static {'/'.join(f'{w:g}' for w in facts.mix)}, {args.grace_s:g} s grace (then "
         "unanswered = failed timeout)",
         f"- train: `lbproxy --mode train --env live --health-interval-s 0 --episodes {TRAIN_EPISODES} "
-        f"--episode-decisions {args.episode_decisions} --eps-fraction {tr.eps_fraction:.6g}`{start_flag}, "
+        f"--episode-decisions {args.episode_decisions} --eps-fraction {tr.eps_fraction:.6g} "
+        f"--workers {args.proxy_workers}`{start_flag}, "
         "other settings at their defaults; "
         f"{t.count} requests (schedule seed {args.seed}, {args.train_s:g} s), no warm-up; ε decays linearly from "
         f"{Settings.model_fields['eps_start'].default:g} to {Settings.model_fields['eps_end'].default:g} over "

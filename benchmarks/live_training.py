@@ -56,12 +56,13 @@ def start_trainer(
     seed: int,
     episode_decisions: int,
     init_model: Path | None = None,
+    workers: int = 1,
 ) -> Proc:
-    """`lbproxy --mode train --env live` (live_compare.start_lbproxy), its output in RUN_DIR/trainer.log
-    (a pipe nobody reads for minutes could fill and stall it)."""
+    """`lbproxy --mode train --env live [--workers N]` (live_compare.start_lbproxy), its output in
+    RUN_DIR/trainer.log (a pipe nobody reads for minutes could fill and stall it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     args = ["--run-dir", str(run_dir), "--episodes", str(TRAIN_EPISODES), "--episode-decisions", str(episode_decisions)]
-    args += ["--eps-fraction", repr(eps_fraction), "--seed", str(seed)]
+    args += ["--eps-fraction", repr(eps_fraction), "--seed", str(seed), "--workers", str(workers)]
     if init_model is not None:
         args += ["--init-model", str(init_model)]
     try:
@@ -147,6 +148,7 @@ def train(
     eps_floor_at: float = EPS_FLOOR_AT,
     episode_decisions: int = 256,
     sample_every_s: float = SAMPLE_EVERY_S,
+    workers: int = 1,
 ) -> TrainRun:
     """`schedule` through a live trainer started from scratch (or `init_model`) in front of `cluster`,
     then SIGTERM and the trainer's final model."""
@@ -156,7 +158,9 @@ def train(
     eps = EpsilonSchedule.for_training(
         defaults["eps_start"].default, defaults["eps_end"].default, eps_fraction, TRAIN_EPISODES * episode_decisions
     )
-    proc = start_trainer(cluster.backends_arg(), run_dir, eps_fraction, schedule.seed, episode_decisions, init_model)
+    proc = start_trainer(
+        cluster.backends_arg(), run_dir, eps_fraction, schedule.seed, episode_decisions, init_model, workers
+    )
     try:
         sampler = MetricsSampler(proc.admin_url, sample_every_s)
         sampler.start()

@@ -131,6 +131,7 @@ def test_two_workers_take_requests_and_metrics_add_up(cluster: tuple[Proc, Proc,
     assert metric_sum(proxy.admin_url, "lbproxy_workers") == 2
     state = get_json(proxy.admin_url + "/admin/backends")
     assert state["workers"] == 2 and state["policy"] == "round_robin"
+    assert [b["index"] for b in state["backends"]] == list(range(len(state["backends"])))  # as one proxy's
     with urllib.request.urlopen(proxy.admin_url + "/readyz", timeout=10) as resp:
         assert "2 of 2 workers ready" in resp.read().decode()
 

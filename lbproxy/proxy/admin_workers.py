@@ -201,7 +201,7 @@ def merge_states(states: list[tuple[Worker, dict[str, Any]]]) -> dict[str, Any]:
         for b in state["backends"]:
             row = rows.get((b["name"], b["removed"]))
             if row is None:
-                row = rows[(b["name"], b["removed"])] = {k: b[k] for k in ("name", "url", "weight", "removed")}
+                row = rows[(b["name"], b["removed"])] = {k: b[k] for k in ("name", "url", "index", "weight", "removed")}
                 row.update(dict.fromkeys(SUMMED, 0), available_in_workers=0)
             row["available_in_workers"] += 1 if b["available"] else 0
             for k in SUMMED:
