@@ -28,9 +28,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict lbproxy/rl lbproxy/policies
 	# Two passes: what does not time real processes runs on every core (whole files per worker, so a
-	# module's fixture starts once); the `timing` tests then run one at a time on a quiet machine.
+	# module's fixture starts once); the `timing` tests then run one at a time on a quiet machine. A
+	# timing test that fails is run once more on its own (--lf): on a shared 2-vCPU machine a neighbour's
+	# burst can distort one p99 ratio; a regression fails twice and fails the suite.
 	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not timing"
-	$(BIN)/python -m pytest -q -m timing
+	$(BIN)/python -m pytest -q -m timing || $(BIN)/python -m pytest -q -m timing --lf --lfnf=none
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
