@@ -95,6 +95,27 @@ def test_first_tries_beyond_the_budget_wait_instead_of_failing(quad: tuple[Proc,
         assert metric(proxy, "lbproxy_retries_total") >= 3  # --retry-min-concurrency's floor at least
 
 
+def test_requests_cut_off_by_a_killed_backend_wait_for_a_retry_slot(quad: tuple[Proc, ...]) -> None:
+    """Twenty concurrent GETs over two backends, ten of them in flight on one that is then SIGKILLed:
+    the kill cuts all ten off at once, the budget (at its floor of three concurrent retries) lets three
+    be retried at a time, and the other seven wait for a slot instead of being answered 502. All twenty
+    succeed, each of the ten after exactly one retry."""
+    doomed = start_backend("--distribution", "constant", workers=16)
+    with running(doomed):
+        fault(doomed, slowdown=100.0)  # 1 s per request: the ten are still in flight at the kill
+        args = [*QUIET, *NO_EJECTION, "--retry-budget-percent", "1"]
+
+        async def scenario(port: int) -> list[int]:
+            gets = asyncio.ensure_future(_concurrent_gets(port, 20))
+            await asyncio.sleep(0.5)
+            doomed.popen.kill()
+            return await gets
+
+        with running(start_proxy([doomed.url, quad[0].url], *args)) as (proxy,):
+            assert asyncio.run(scenario(proxy.port)) == [200] * 20
+            assert metric(proxy, "lbproxy_retries_total") == 10
+
+
 def test_the_retry_budget_caps_retries_when_every_backend_fails(quad: tuple[Proc, ...]) -> None:
     """40 concurrent requests, every backend answering 500 after 200 ms: the first 500s all arrive
     while the 40 are in flight, so 20 % of them (8) may be retried, not 40."""

@@ -272,9 +272,9 @@ class Forwarder:
                     sweep.first_tries.pop(task, None)  # before any other await: never cancel a later one
                     sweep.awaiting_budget.pop(task, None)
                 if holds_slot:  # the retry's slot is held until its answer, failure or cancellation
-                    sweep.budget.release()
+                    sweep.release()
             if failure is not None:
-                other = self._failed_try(failure, body, may_retry, retry_at, idx, did, cls, t_start, queued)
+                other = await self._failed_try(failure, body, may_retry, retry_at, idx, did, cls, t_start, queued)
                 if not isinstance(other, int):
                     return other
             elif may_retry and resp.status >= 500:
@@ -287,7 +287,7 @@ class Forwarder:
             holds_slot = failure is None or failure[0] not in UNSENT  # a budget slot unless nothing was sent
         return await relay(self.acct, request, resp, method, idx, did, cls, t_start, queued)
 
-    def _failed_try(
+    async def _failed_try(
         self,
         failure: Failure,
         body: GuardedBody | None,
@@ -300,7 +300,8 @@ class Forwarder:
         queued: int,
     ) -> int | web.Response:
         """Record a try that got no answer, and return the backend of its retry (`retry_at` when the
-        per-try sweep abandoned it) or else the answer to send. The retry always takes a fresh
+        per-try sweep abandoned it; after a wait for a budget slot if all are taken: lbproxy/proxy/
+        retry_sweep.py's SLOT_WAIT_S) or else the answer to send. The retry always takes a fresh
         connection: the other backend's pooled ones may be just as stale (backends' idle timeouts often
         fire together after a lull), and there is only this one retry."""
         if body is not None and body.error is not None:
@@ -310,7 +311,7 @@ class Forwarder:
         self.acct.complete(idx, did, cls, t_start, status, True, None, queued)
         other = None
         if may_retry and retryable:
-            other = retry_at if retry_at is not None else self.sweep.retry_to(idx, cls, kind)
+            other = retry_at if retry_at is not None else await self.sweep.retry_when_allowed(idx, cls, kind)
         return text_response(status) if other is None else other
 
     def _retry_5xx(self, resp: Any, idx: int, did: int, cls: int, t_start: float, queued: int) -> int | None:

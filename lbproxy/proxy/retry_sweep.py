@@ -10,6 +10,7 @@ retry (never a 504 for a request that was only slow).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,14 @@ from lbproxy.proxy.errors import UNSENT
 from lbproxy.retry import RetryBudget
 from lbproxy.telemetry import Metrics
 from lbproxy.upstream import PoolConfig
+
+SLOT_WAIT_S = 1.0
+"""How long a request whose try was cut off (the backend reset or closed the connection, e.g. it was
+killed) waits for a retry-budget slot when every slot is taken, instead of being answered 502 at once.
+A killed backend cuts off all the requests it held in the same instant; the budget's floor (3 slots)
+is often fewer, and each slot frees as soon as its retry is answered (milliseconds), so the others
+wait their turn and are retried too. The budget still bounds how many retries run at once; in a
+cluster-wide failure a request gives up after this wait."""
 
 
 class RetrySweep:
@@ -56,6 +65,8 @@ class RetrySweep:
         """First tries past their deadline that found no retry (no budget slot, no other candidate yet):
         offered a retry again on every sweep until they end, so a hung backend's requests are not left
         to the read timeout just because many expired at once."""
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        """Cut-off requests waiting for a retry-budget slot (`retry_when_allowed`), oldest first."""
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_every_s = min(0.25, max(0.01, self.per_try_timeout_s / 10))
 
@@ -96,6 +107,41 @@ class RetrySweep:
         self.metrics.retries.inc()
         return other
 
+    async def retry_when_allowed(self, failed: int, cls: int, kind: str) -> int | None:
+        """`retry_to`, waiting up to SLOT_WAIT_S for a budget slot when the budget alone stands in the
+        way (never when there is no other backend): for tries cut off mid-exchange, which have no
+        answer to relay."""
+        deadline: float | None = None
+        while True:
+            other = self.retry_to(failed, cls, kind)
+            if other is not None or kind in UNSENT or self.budget.allows(self._active()):
+                return other  # a retry, or none for want of another backend
+            now = self.loop.time()
+            if deadline is None:
+                deadline = now + SLOT_WAIT_S
+            if now >= deadline:
+                return None
+            slot = self.loop.create_future()
+            self._slot_waiters.append(slot)
+            try:
+                async with asyncio.timeout(deadline - now):
+                    await slot
+            except TimeoutError:
+                return None
+            finally:
+                if not slot.done():
+                    slot.cancel()  # release() skips it
+
+    def release(self) -> None:
+        """A retry ended: its budget slot goes back, and the longest-waiting cut-off request may take it."""
+        self.budget.release()
+        waiters = self._slot_waiters
+        while waiters:
+            slot = waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+
     # --- the per-try timeout ------------------------------------------------------------------------
     def watch(self, task: asyncio.Task[Any], now: float, idx: int, cls: int) -> None:
         """Put the first try `task` is making (to backend `idx`) under the per-try timeout."""
@@ -108,7 +154,7 @@ class RetrySweep:
         cancelled it too (then the budget slot goes back and the cancel must go through)."""
         other = self.abandoned.pop(task, None)
         if other is not None and task.uncancel():
-            self.budget.release()
+            self.release()
             return None
         return other
 
