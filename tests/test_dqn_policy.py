@@ -156,16 +156,19 @@ async def test_new_weights_reach_the_next_iteration() -> None:
     assert got == [0, 0, 0]
 
 
-async def test_learning_records_the_state_each_decision_was_taken_in() -> None:
+@pytest.mark.parametrize("classes", [[2] * 5, [2, 0, 0, 2, 1, 2, 0]], ids=["one class", "classes mixed"])
+async def test_learning_records_the_state_each_decision_was_taken_in(classes: list[int]) -> None:
+    """Within one loop iteration each class decides from its own snapshot, which every dispatch (of
+    any class) moves: each record holds the state the view was in at its decision."""
     settings = Settings(
         mode="train", device="cpu", hidden=32, eps_start=0.0, eps_end=0.0, learning_starts=10**6, control_share=0.0
     )
     rt = create_dqn_runtime(settings, None, None, train=True, net=least_in_flight_net(), total_decisions=100)
     view = ClusterView.create(3)
     kept = []
-    for _ in range(5):  # one loop iteration: one snapshot, moved by each dispatch
-        expected = encode_state(view, 2, 0.0, rt.policy.width)
-        action, did = await resolve(rt.policy.decide(2, view, now_s=0.0))
+    for c in classes:  # one loop iteration: one snapshot per class, moved by each dispatch
+        expected = encode_state(view, c, 0.0, rt.policy.width)
+        action, did = await resolve(rt.policy.decide(c, view, now_s=0.0))
         view.on_dispatch(action)
         rec = rt.policy.join.table.pop(did) if rt.policy.join is not None else None
         assert rec is not None

@@ -199,7 +199,10 @@ def test_dispatch_model_is_the_state_after_the_dispatches(dispatched: list[int])
     for b in dispatched:
         after.on_dispatch(b)
         counts[b] += 1
-    np.testing.assert_allclose(model.state_after(counts), encode_state(after, RequestClass.HEAVY, 5.0, 8), atol=1e-6)
+    moved = state.copy()
+    for b in set(dispatched):
+        model.apply(moved, b, counts[b], len(dispatched))
+    np.testing.assert_allclose(moved, encode_state(after, RequestClass.HEAVY, 5.0, 8), atol=1e-6)
     cands = np.asarray(view.candidates)
     for k in (1, 3):
         rows = model.rows_after(cands, np.full(len(cands), float(k)))
@@ -213,17 +216,19 @@ def test_dispatch_model_is_the_state_after_the_dispatches(dispatched: list[int])
 
 
 def test_dispatch_model_apply_moves_a_state_one_dispatch_at_a_time() -> None:
-    """`apply` (the decision records' scalar path) writes what `state_after` computes, dispatch by
-    dispatch, from a state another call already moved."""
+    """`apply` (the decision records' path) writes the encoding of the view after the dispatches,
+    dispatch by dispatch, into a state an earlier call already moved."""
     view = _busy_view(4)
     state = encode_state(view, RequestClass.LIGHT, 5.0, 8)
     model = DispatchModel(view, RequestClass.LIGHT, state)
     x = state.copy()
     counts = [0] * 4
+    after = copy.deepcopy(view)
     for b in [1, 1, 0, 3, 1, 2, 2, 0]:
         counts[b] += 1
+        after.on_dispatch(b)
         model.apply(x, b, counts[b], sum(counts))
-        np.testing.assert_allclose(x, model.state_after(counts), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(x, encode_state(after, RequestClass.LIGHT, 5.0, 8), rtol=1e-6, atol=1e-6)
     assert not np.array_equal(x, state) and np.array_equal(model.state, state), "the snapshot's own state is untouched"
 
 

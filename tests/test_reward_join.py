@@ -44,7 +44,7 @@ def test_table_ttl_expiry_counted() -> None:
     assert table.expired == 9
 
 
-def test_join_flushes_one_batch_per_class_with_the_state_after_the_completions() -> None:
+def test_join_flushes_one_batch_with_each_class_s_prime_after_the_completions() -> None:
     view = ClusterView.create(3)
     batches: list[TransitionBatch] = []
     join = RewardJoin(W, 50.0, bootstrap=True, sink=batches.append)
@@ -60,13 +60,22 @@ def test_join_flushes_one_batch_per_class_with_the_state_after_the_completions()
     join.flush(view, 0.5)
     assert join.join(Outcome(0, 0, 0.1, False, decision_id=99), view) is None
     join.flush(view, 0.6)
-    assert [b.actions for b in batches] == [[0, 2], [1]], "class 0 then class 1; nothing more after"
-    first = batches[0]
-    np.testing.assert_array_equal(first.obs, np.stack([states[0], states[2]]))
-    np.testing.assert_array_equal(first.next_obs, encode_state(view, 0, 0.5, W))
-    assert first.next_mask.tolist() == action_mask(view, W).tolist()
+    assert [b.actions for b in batches] == [[0, 2, 1]], "one batch, class 0 then class 1; nothing more after"
+    batch = batches[0]
+    np.testing.assert_array_equal(batch.obs, np.stack([states[0], states[2], states[1]]))
+    s0, s1 = encode_state(view, 0, 0.5, W), encode_state(view, 1, 0.5, W)
+    np.testing.assert_array_equal(batch.next_obs, np.stack([s0, s0, s1]))
+    assert batch.next_mask.tolist() == action_mask(view, W).tolist()
     # The reward is observe.reward with the typical latency as the view had it at each completion.
-    assert first.rewards[1] < first.rewards[0] < 0 and math.isfinite(first.rewards[1])
+    assert batch.rewards[1] < batch.rewards[0] < 0 and math.isfinite(batch.rewards[1])
+    # One class joined: its s' is one row every transition shares.
+    join.record(7, states[0], 1, 0, 0.6)
+    view.on_dispatch(1)
+    out = Outcome(backend=1, req_class=0, latency_s=0.1, error=False, decision_id=7)
+    view.on_complete(out, 0.7)
+    join.join(out, view)
+    join.flush(view, 0.7)
+    np.testing.assert_array_equal(batches[1].next_obs, encode_state(view, 0, 0.7, W))
 
 
 def test_without_bootstrap_s_prime_is_never_encoded() -> None:

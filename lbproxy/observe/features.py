@@ -10,7 +10,6 @@ at any latency scale.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -307,8 +306,9 @@ class DispatchModel:
 
     The live dqn policy decides a whole loop iteration's requests of one class from one state
     (`encode_state`); after it dispatched `counts[b]` more requests to each backend b, the state reads
-    exactly `state_after(counts)`, and row b alone reads `rows_after([b], [k])` after k more. So each
-    decision is taken on the state as it truly is, re-scoring one row, never re-encoding the view.
+    exactly what `apply` writes, one dispatched row at a time, and row b alone reads
+    `rows_after([b], [k])` after k more. So each decision is taken on the state as it truly is,
+    re-scoring one row, never re-encoding the view.
     (Completions within the iteration are seen by the next iteration's state.)
     """
 
@@ -356,24 +356,11 @@ class DispatchModel:
         out[:, F_LOG_IN_FLIGHT:] = cols.T
         return out
 
-    def state_after(self, counts: Sequence[int]) -> np.ndarray:
-        """A new flat state: this one after counts[b] more dispatches to every slot b (context included)."""
-        x = self.state.copy()
-        slots = np.flatnonzero(np.asarray(counts[: self.n]))
-        if len(slots):
-            extra = np.asarray(counts, dtype=np.float64)[slots]
-            width = state_width(x.shape[0])
-            x[: width * ROW_FEATURES].reshape(width, ROW_FEATURES)[slots] = self.rows_after(slots, extra)
-            total = self.total_in_flight + float(extra.sum())
-            x[width * ROW_FEATURES + C_LOAD] = min(total / self._total_concurrency(), CLIP_RATIO)
-            x[width * ROW_FEATURES + C_LOG_TOTAL] = math.log1p(total)
-        return x
-
     def apply(self, x: np.ndarray, b: int, k: int, total_extra: int) -> None:
         """Write into `x` (a copy of this state, already moved by the earlier dispatches) row b and the
-        context as they read after k dispatches to b and `total_extra` to all slots: `state_after`
-        one dispatch at a time, in scalar arithmetic (the live policy's decision records: a dozen NumPy
-        calls per decision became one array copy). Same formulas as `dynamic_columns`."""
+        context as they read after k dispatches to b and `total_extra` to all slots, in scalar
+        arithmetic (the live policy's decision records: a dozen NumPy calls per decision became one
+        array copy). Same formulas as `dynamic_columns`."""
         scalars = self._scalars
         if scalars is None:
             scalars = self._scalars = (self.rows[:, F_SERVICE].tolist(), self._total_concurrency())

@@ -98,7 +98,9 @@ class ReplayBuffer:
         if drop:
             obs, actions, rewards = obs[drop:], actions[drop:], rewards[drop:]
             if next_obs.ndim == 2:
-                next_obs, next_mask = next_obs[drop:], next_mask[drop:]
+                next_obs = next_obs[drop:]
+            if next_mask.ndim == 2:
+                next_mask = next_mask[drop:]
             k = self.capacity
         with self._lock:
             i = (self.pos + drop) % self.capacity

@@ -6,9 +6,9 @@ One mechanism for the simulator agent (rl/agent.py) and the live policy (policie
    decision id, in a bounded :class:`DecisionTable`;
 2. `join` pops it when the outcome arrives and computes the reward (`observe.reward`, from the view
    right after the completion);
-3. `flush` turns what was joined into one :class:`TransitionBatch` per request class, with ``s'`` the
-   state the view is in now (DESIGN.md §4) encoded once per class, and hands it to the sink (the
-   replay buffer, or the live learner that feeds one).
+3. `flush` turns what was joined into one :class:`TransitionBatch`, with ``s'`` the state the view
+   is in now (DESIGN.md §4) encoded once per request class, and hands it to the sink (the replay
+   buffer, or the live learner that feeds one).
 
 The simulator flushes after every completion. The live policy flushes once per event-loop
 iteration, after the pool applied all of the iteration's completions: the state the next decisions
@@ -139,25 +139,36 @@ class RewardJoin:
         return rec
 
     def flush(self, view: ClusterView, now_s: float) -> None:
-        """What was joined, as one batch per request class with s' the state `view` is in now."""
+        """What was joined, as ONE batch handed to the sink, with s' the state `view` is in now for
+        each transition's class (encoded once per class; a single shared row when one class joined).
+        One batch, not one per class: each hand-off is a locked replay write of its own."""
+        records: list[tuple[DecisionRecord, float]] = []
+        next_states: list[np.ndarray] = []
+        counts: list[int] = []
         for req_class, joined in enumerate(self._joined):
             if not joined:
                 continue
+            records.extend(joined)
+            counts.append(len(joined))
             if self.bootstrap:
-                next_state = encode_state(view, req_class, now_s, self.width)
-                next_mask = self._mask_for(view)
-            else:
-                next_state, next_mask = self._no_state, self._no_mask
-            self.sink(
-                TransitionBatch(
-                    np.stack([rec.state for rec, _r in joined]),
-                    [rec.action for rec, _r in joined],
-                    [r for _rec, r in joined],
-                    next_state,
-                    next_mask,
-                )
-            )
+                next_states.append(encode_state(view, req_class, now_s, self.width))
             joined.clear()
+        if not records:
+            return
+        if not self.bootstrap:
+            next_state, next_mask = self._no_state, self._no_mask
+        else:
+            next_mask = self._mask_for(view)
+            next_state = next_states[0] if len(next_states) == 1 else np.repeat(np.stack(next_states), counts, axis=0)
+        self.sink(
+            TransitionBatch(
+                np.stack([rec.state for rec, _r in records]),
+                [rec.action for rec, _r in records],
+                [r for _rec, r in records],
+                next_state,
+                next_mask,
+            )
+        )
 
     def _mask_for(self, view: ClusterView) -> np.ndarray:
         """s''s action mask, rebuilt only when the view replaced its candidates list (health events).
