@@ -95,7 +95,8 @@ class Snapshot:
             if not any(counts):
                 return self.state
             # The first record after a dispatch: copy the state and rewrite the dispatched rows in
-            # scalar arithmetic, as every later record does (NumPy's state_after cost ~4x more here).
+            # scalar arithmetic, as every later record does (benchmarks/loop_bookkeeping.py measures it
+            # against the NumPy rule it replaced).
             after = self.after = self.state.copy()
             self.moved = [b for b, k in enumerate(counts) if k]
         if self.moved:
