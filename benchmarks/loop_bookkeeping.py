@@ -21,6 +21,8 @@ the join's flush into the replay). Rows, each a fresh runtime built by `create_d
   state computed in NumPy from all the dispatch counts (the rule before 2026-12-02, swapped in for
   this row only; later records were already moved row by row), so the change to
   `Snapshot.decided_state` is measured side by side;
+- `online, learner idle, one replay write per class` -- the same with the reward join's flush as
+  it was until 2026-12-02: one batch, i.e. one locked replay write, per request class and iteration;
 - `online, learner idle, gamma 0` -- the same without bootstrapping, whose transitions carry no s':
   what encoding s' (once per class and loop iteration) adds to the bookkeeping.
 
@@ -39,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,11 +60,13 @@ from common import (  # noqa: E402
 )
 
 from lbproxy.config import Settings  # noqa: E402
-from lbproxy.observe import NUM_CLASSES, ROW_FEATURES, ClusterView, DispatchModel, Outcome  # noqa: E402
+from lbproxy.observe import NUM_CLASSES, ROW_FEATURES, ClusterView, DispatchModel, Outcome, encode_state  # noqa: E402
 from lbproxy.observe.features import C_LOAD, C_LOG_TOTAL, CLIP_RATIO, state_width  # noqa: E402
 from lbproxy.policies.dqn import DqnPolicy  # noqa: E402
 from lbproxy.policies.dqn_runtime import create_dqn_runtime  # noqa: E402
 from lbproxy.rl.iteration import Snapshot  # noqa: E402
+from lbproxy.rl.replay import TransitionBatch  # noqa: E402
+from lbproxy.rl.reward_join import RewardJoin  # noqa: E402
 
 BACKENDS = 4
 TARGET_US = 5.0
@@ -80,7 +85,7 @@ def busy_view(n: int) -> ClusterView:
 
 
 def policies(hidden: int) -> dict[str, DqnPolicy]:
-    """The three rows' policies (see the module docstring)."""
+    """Every row's policy (see the module docstring)."""
     net = load_routing_network(hidden)
     view = busy_view(BACKENDS)
     common = {"device": "cpu", "hidden": hidden, "backends": [f"http://127.0.0.1:{9000 + i}" for i in range(BACKENDS)]}
@@ -95,6 +100,9 @@ def policies(hidden: int) -> dict[str, DqnPolicy]:
         "greedy, learning width": same_width,
         "online, learner idle": online,
         OLD_RULE: old_rule.policy,
+        OLD_FLUSH: create_dqn_runtime(
+            Settings(mode="serve", online=True, learning_starts=10**9, **common), view, net=net
+        ).policy,
         "online, learner idle, gamma 0": create_dqn_runtime(no_next, view, net=net).policy,
     }
 
@@ -125,6 +133,7 @@ async def drive(policy: DqnPolicy, iterations: int, per_iteration: int) -> float
 
 
 OLD_RULE = "online, learner idle, first record by NumPy"
+OLD_FLUSH = "online, learner idle, one replay write per class"
 
 
 def numpy_state_after(model: DispatchModel, counts: list[int]) -> np.ndarray:
@@ -156,15 +165,42 @@ def old_decided_state(snap: Snapshot) -> np.ndarray:
     return after.copy()
 
 
+def per_class_flush(join: RewardJoin, view: ClusterView, now_s: float) -> None:
+    """`RewardJoin.flush` as it was until 2026-12-02: one batch (one locked replay write) per class."""
+    for req_class, joined in enumerate(join._joined):
+        if not joined:
+            continue
+        if join.bootstrap:
+            next_state, next_mask = encode_state(view, req_class, now_s, join.width), join._mask_for(view)
+        else:
+            next_state, next_mask = join._no_state, join._no_mask
+        states = np.stack([rec.state for rec, _r in joined])
+        join.sink(
+            TransitionBatch(
+                states, [rec.action for rec, _r in joined], [r for _rec, r in joined], next_state, next_mask
+            )
+        )
+        joined.clear()
+
+
+SWAPS: dict[str, tuple[Any, str, Callable[..., Any]]] = {
+    OLD_RULE: (Snapshot, "decided_state", old_decided_state),
+    OLD_FLUSH: (RewardJoin, "flush", per_class_flush),
+}
+"""Rows that run with one method swapped for the rule it replaced (class, method, replacement)."""
+
+
 def run_row(name: str, policy: DqnPolicy, run: Callable[[DqnPolicy], float]) -> float:
-    if name != OLD_RULE:
+    swap = SWAPS.get(name)
+    if swap is None:
         return run(policy)
-    current = Snapshot.decided_state
-    Snapshot.decided_state = old_decided_state  # type: ignore[method-assign]
+    cls, method, replacement = swap
+    current = getattr(cls, method)
+    setattr(cls, method, replacement)
     try:
         return run(policy)
     finally:
-        Snapshot.decided_state = current  # type: ignore[method-assign]
+        setattr(cls, method, current)
 
 
 def measure(rows: dict[str, DqnPolicy], trials: int, run: Callable[[DqnPolicy], float]) -> dict[str, list[float]]:
@@ -210,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     cost = statistics.median(diffs)
     change = [o - n for o, n in zip(times[OLD_RULE], online, strict=True)]
     clo, chi = bootstrap_median_interval(change)
+    fchange = [o - n for o, n in zip(times[OLD_FLUSH], online, strict=True)]
+    flo, fhi = bootstrap_median_interval(fchange)
     lines = [
         "| row | µs per request (median) | min-max |",
         "|---|---|---|",
@@ -221,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         f"a snapshot's first moved record by scalar row rewrites instead of NumPy: {statistics.median(change):.2f} µs "
         f"less per request, 90 % bootstrap interval {clo:.2f}-{chi:.2f}; per-request ratio online idle new / old "
         f"{statistics.median(online) / statistics.median(times[OLD_RULE]):.3f}",
+        f"one replay write per loop iteration instead of one per class: {statistics.median(fchange):.2f} µs less per "
+        f"request, 90 % bootstrap interval {flo:.2f}-{fhi:.2f}; per-request ratio online idle new / old "
+        f"{statistics.median(online) / statistics.median(times[OLD_FLUSH]):.3f}",
     ]
     print("\n".join(lines))
     header = [
