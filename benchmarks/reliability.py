@@ -53,9 +53,9 @@ SHAPED = [
     "then and retried on another backend, so the hang window's slowest answers are ~5 s; without a per-try "
     "timeout they would wait for the 30 s read timeout (the client's 10 s here: lost).",
     "- Every retry needs a slot in the retry budget (20 % of active requests, at least 3 at once: Envoy's "
-    "defaults). A kill leaves a few requests in flight to the dead backend and sends a few more connection "
-    "attempts to it before the ejection; when those retries outnumber the slots, the excess is answered 502 "
-    "(benchmarks/soak.py and the 30 s tests see this; `lost` above counts it when it happens).",
+    "defaults); a retry after a refused connect needs none. A kill cuts off every request in flight to the "
+    "dead backend at once; when they outnumber the free slots, the rest wait up to 1 s for one "
+    "(lbproxy/proxy/retry_sweep.py SLOT_WAIT_S; until 2026-12-02 they were answered 502 at once).",
     "- All down: the failures eject at most half of the backends (`max_ejection_percent` 50); after the restart "
     "those stay out for their ejection time while the others carry the whole load (the `available` note), "
     "which is what the recovery window's p99 shows.",
