@@ -1,9 +1,11 @@
-"""The shared availability rules (lbproxy/outlier.py) and the retry budget (lbproxy/retry.py), without
+"""The shared availability rules (lbproxy/outlier.py) and the retry budget (lbproxy/retry.py, with the
+retry-slot queue of lbproxy/proxy/retry_sweep.py), without
 I/O: consecutive-failure and latency ejection, the percentage cap and backoff, panic mode, slow start
 through the candidate list for every policy, and how the pool and the simulator apply them."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import numpy as np
@@ -307,3 +309,26 @@ def test_simulator_slow_starts_a_recovered_server() -> None:
     assert later.slow_start.factor(1, later.now_s) == 1.0
     later.run(make_policy("least_conn"), 10)
     assert not later.slow_start.since_s
+
+
+async def test_cut_off_requests_queue_for_retry_slots_and_pass_on_a_wake_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one slot (1 %, floor 1) is taken; two cut-off requests wait for it, oldest first. The first
+    is woken and cancelled (its client left) in the same instant: the wake-up goes to the second,
+    which gets its retry. A third, never woken, gives up after SLOT_WAIT_S with no retry."""
+    from lbproxy.proxy import retry_sweep
+    from lbproxy.telemetry import Metrics
+
+    monkeypatch.setattr(retry_sweep, "SLOT_WAIT_S", 0.05)
+    loop = asyncio.get_running_loop()
+    config = PoolConfig(retry_budget_percent=1.0, retry_min_concurrency=1)
+    sweep = retry_sweep.RetrySweep(ClusterView.create(2), None, Metrics(), config, lambda: 10, loop)
+    assert sweep.retry_to(0, 0, "disconnect") == 1 and sweep.budget.active == 1
+    first = asyncio.ensure_future(sweep.retry_when_allowed(0, 0, "disconnect"))
+    second = asyncio.ensure_future(sweep.retry_when_allowed(0, 0, "disconnect"))
+    await asyncio.sleep(0)
+    sweep.release()  # wakes `first` ...
+    first.cancel()  # ... whose client goes away before it runs
+    assert await second == 1 and first.cancelled()
+    assert sweep.budget.active == 1, "the second took the freed slot"
+    assert await sweep.retry_when_allowed(0, 0, "disconnect") is None  # nobody releases: it gives up
+    assert not sweep._slot_waiters

@@ -10,6 +10,7 @@ retry (never a 504 for a request that was only slow).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -127,14 +128,29 @@ class RetrySweep:
                 async with asyncio.timeout(deadline - now):
                     await slot
             except TimeoutError:
+                self._pass_on(slot)
                 return None
+            except asyncio.CancelledError:  # the client went away
+                self._pass_on(slot)
+                raise
             finally:
                 if not slot.done():
-                    slot.cancel()  # release() skips it
+                    slot.cancel()
+                if slot.cancelled():  # never woken (woken ones left the queue in _wake_one)
+                    with contextlib.suppress(ValueError):
+                        self._slot_waiters.remove(slot)  # a handful at most: cut-off requests waiting now
 
     def release(self) -> None:
         """A retry ended: its budget slot goes back, and the longest-waiting cut-off request may take it."""
         self.budget.release()
+        self._wake_one()
+
+    def _pass_on(self, slot: asyncio.Future[None]) -> None:
+        """A waiter woken in the same instant it gave up hands its wake-up to the next one."""
+        if slot.done() and not slot.cancelled():
+            self._wake_one()
+
+    def _wake_one(self) -> None:
         waiters = self._slot_waiters
         while waiters:
             slot = waiters.popleft()
