@@ -1,6 +1,7 @@
 """The shared availability rules (lbproxy/outlier.py) and the retry budget (lbproxy/retry.py, with the
-retry-slot queue of lbproxy/proxy/retry_sweep.py), without I/O: consecutive-failure and latency ejection, the percentage cap and backoff, panic mode, slow start
-through the candidate list for every policy, and how the pool and the simulator apply them."""
+retry-slot queue of lbproxy/proxy/retry_sweep.py), without I/O: consecutive-failure and latency
+ejection, the percentage cap and backoff, panic mode, slow start through the candidate list for
+every policy, and how the pool and the simulator apply them."""
 
 from __future__ import annotations
 
