@@ -103,6 +103,10 @@ IDLE_LEARNER = str(10**9)
 """--learning-starts out of reach: the online path without a single update."""
 UPDATES = "lbproxy_learner_updates_total"
 FALLBACKS = "lbproxy_decision_fallbacks_total"
+DECISION_S_SUM = "lbproxy_decision_duration_seconds_sum"
+DECISION_S_COUNT = "lbproxy_decision_duration_seconds_count"
+PASSES = "lbproxy_inference_batch_size_count"
+PASS_DECISIONS = "lbproxy_inference_batch_size_sum"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,9 +183,18 @@ def measure_round(proxy: Proc, duration_s: int) -> dict[str, float]:
     c0 = cpu_s(proxy.popen.pid)
     u0, t0 = metric(proxy.admin_url, UPDATES), time.monotonic()
     f0 = metric(proxy.admin_url, FALLBACKS)
+    d0, n0 = metric(proxy.admin_url, DECISION_S_SUM), metric(proxy.admin_url, DECISION_S_COUNT)
+    p0, b0 = metric(proxy.admin_url, PASSES), metric(proxy.admin_url, PASS_DECISIONS)
     r = run_wrk(proxy.url + "/api/light", duration_s).as_dict()
     u1, t1 = metric(proxy.admin_url, UPDATES), time.monotonic()
     r["updates_per_s"] = (u1 - u0) / (t1 - t0)
+    # The proxy's own clock around each decision (Forwarder._decide): the policy's share of the cost,
+    # apart from the HTTP work both configurations do alike.
+    r["decision_us"] = (
+        1e6 * (metric(proxy.admin_url, DECISION_S_SUM) - d0) / max(1.0, metric(proxy.admin_url, DECISION_S_COUNT) - n0)
+    )
+    passes = metric(proxy.admin_url, PASSES) - p0
+    r["per_pass"] = (metric(proxy.admin_url, PASS_DECISIONS) - b0) / passes if passes else 0.0
     # CPU per request is the figure least moved by other work on a shared machine.
     requests = max(1.0, r["rps"] * duration_s)
     r["cpu_us_per_req"] = (cpu_s(proxy.popen.pid) - c0) * 1e6 / requests
@@ -197,14 +210,14 @@ def summary_lines(results: dict[str, list[dict[str, float]]], ratios: list[float
 
     base = med("round_robin", "rps")
     lines = [
-        "| config | req/s (median) | vs round_robin | CPU µs/req | p50 ms | p99 ms | learner updates/s | fallbacks %"
-        " | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | req/s (median) | vs round_robin | CPU µs/req | decision µs | decisions per pass | p50 ms"
+        " | p99 ms | learner updates/s | fallbacks % | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in results:
         lines.append(
             f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'rps') / base:.3f} | {med(name, 'cpu_us_per_req'):.0f} | "
-            f"{med(name, 'p50_ms'):.2f} | "
+            f"{med(name, 'decision_us'):.1f} | {med(name, 'per_pass'):.1f} | {med(name, 'p50_ms'):.2f} | "
             f"{med(name, 'p99_ms'):.2f} | {med(name, 'updates_per_s'):.0f} | {med(name, 'fallback_pct'):.2f} | "
             f"{med(name, 'errors'):.0f} |"
         )
@@ -259,7 +272,10 @@ def report(args: argparse.Namespace, cmd: str, lines: list[str]) -> list[str]:
         "",
         "CPU µs/req counts the proxy process with all its threads and child processes (the learner"
         " included), so it is the cost of learning too; fallbacks % is the share of decisions routed by"
-        " peak_ewma because the DQN answer missed the deadline.",
+        " peak_ewma because the DQN answer missed the deadline. Decision µs is the proxy's own clock"
+        " around each decision (the lbproxy_decision_duration_seconds histogram: the policy's cost apart"
+        " from the HTTP work every configuration does alike); decisions per pass is how many requests one"
+        " loop iteration's state answered (lbproxy_inference_batch_size).",
         "",
     ]
 

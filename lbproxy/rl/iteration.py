@@ -11,7 +11,9 @@ routing, and ~5 % less proxy throughput even for round robin made to do so (meas
 this).
 
 Inline (NumPy on the loop), the pass runs when the iteration's first request needs it and nobody
-is suspended; a backend that runs out of precomputed levels is re-scored alone (`_refresh`).
+is suspended; it scores every backend as it is and after as many more dispatches as the last
+iteration needed (LOOKAHEAD_ROWS), and a backend that runs out of levels anyway is re-scored alone
+(`_refresh`).
 Off-loop (CUDA), the snapshot's states (the backend rows after 0..OFF_LOOP_LEVELS-1 more dispatches)
 go to the device thread and its requests wait for them; the dispatches other requests make meanwhile
 are counted and applied when the scores land. Every snapshot is retired by one callback queued
@@ -35,12 +37,19 @@ from lbproxy.rl.batcher import InferenceEngine
 from lbproxy.rl.network import RowScorer
 
 LOOKAHEAD_LEVELS = 4
-"""Inline: what-if rows scored per backend at a time. A snapshot's pass scores each backend as it is
-(all a lone request needs); the first time a decision of the snapshot finds a dispatched backend's
-next score missing, every candidate is scored after 1..4 more dispatches in ONE row pass (the
-iteration has several requests: they will need them), and later a backend that runs out gets as many
-more as it has (doubling) the same way. Scores are exact whatever the count (observe.DispatchModel);
+"""Inline: the fewest what-if rows per backend a re-score adds. A backend that runs out of the levels
+its snapshot's pass scored (below) is scored after further dispatches in ONE row pass with every other
+backend that ran out: the first time every candidate gets 4 more, later a backend that keeps running out
+gets as many more as it has (doubling). Scores are exact whatever the count (observe.DispatchModel);
 this only batches them."""
+
+LOOKAHEAD_ROWS = 32
+"""Inline: what-if rows a snapshot's pass scores at most, beside the backends as they are. The pass
+scores every candidate after 0..L-1 more dispatches, L sized from the dispatches the busiest backend
+took in the last iteration (`IterationScheduler.demand`) and capped so that n x (L - 1) stays within
+this. In a busy proxy an iteration decides a dozen requests (2026-12-02, benchmarks/dqn_proxy.py:
+13 per pass on average), and re-scoring later cost ~40 % of the decision time; a row more in the one
+pass costs far less than a second pass (its NumPy calls cost per call, not per row)."""
 
 OFF_LOOP_LEVELS = 8
 """Off-loop: an off-loop pass scores every backend after 0..7 more dispatches in one device pass (8
@@ -123,6 +132,12 @@ class IterationScheduler:
         """Snapshots whose scores this iteration's dispatches move (evaluated, or off-loop in flight)."""
         self._clear_armed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.demand = 0
+        """Most dispatches one backend took since a snapshot of the last iteration: sizes the next
+        inline pass's what-if rows (LOOKAHEAD_ROWS)."""
+        self._grid_of: list[int] | None = None
+        self._grid: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        """The first pass's what-if rows (slots, extra dispatches) by L, for the candidates `_grid_of`."""
 
     def current(self, req_class: int, view: ClusterView, now_s: float, *, answering: bool = True) -> Snapshot:
         """The class's snapshot for this iteration; a new one on first use, after new candidates, once
@@ -228,6 +243,7 @@ class IterationScheduler:
         if snap.answered:
             self.engine.record_pass(snap.answered)
             snap.answered = 0
+            self.demand = max(snap.counts)
         if snap.pending is None and snap in self._live:
             self._live.remove(snap)
 
@@ -243,11 +259,15 @@ class IterationScheduler:
         for c in range(NUM_CLASSES):
             self.snapshots[c] = None
         keep = []
+        demand = -1
         for snap in self._live:
             if snap.pending is not None and snap.scores is None and not snap.late:  # off-loop, in flight
                 keep.append(snap)
             elif snap.answered:
                 self.engine.record_pass(snap.answered)
+                demand = max(demand, *snap.counts)
+        if demand >= 0:
+            self.demand = demand
         self._live = keep
 
     # --- scores ----------------------------------------------------------------------------------------
@@ -298,13 +318,42 @@ class IterationScheduler:
             scores[b] = levels[b][counts[b]]
 
     def _evaluate(self, snap: Snapshot) -> np.ndarray | None:
-        """The inline pass for a snapshot: every candidate's score now; None (and the snapshot marked
-        late) when the pass missed the deadline."""
+        """The inline pass for a snapshot: every candidate's score now and after 1..L-1 more dispatches
+        (LOOKAHEAD_ROWS); None (and the snapshot marked late) when the pass missed the deadline."""
         model = snap.model
-        out = self.engine.inline_pass(model.rows, model.ctx, model.rows[:0])
+        cands = snap.candidates
+        levels = self._first_levels(len(cands))
+        if levels > 1:
+            if self._grid_of is not cands:
+                self._grid_of, self._grid = cands, {}
+            grid = self._grid.get(levels)
+            if grid is None:
+                slots = np.asarray(cands, dtype=np.intp)
+                grid = np.repeat(slots, levels - 1), np.tile(np.arange(1.0, float(levels)), len(cands))
+                self._grid[levels] = grid
+            more = model.rows_after(*grid)
+        else:
+            more = model.rows[:0]
+        out = self.engine.inline_pass(model.rows, model.ctx, more)
         if out is None:
             snap.late = True
             return None
         snap.scorer, scores = out
         flat = scores.tolist()
-        return self._install(snap, [[flat[b]] for b in range(model.n)])
+        by_slot = [[flat[b]] for b in range(model.n)]
+        if levels > 1:
+            snap.looked_ahead = True
+            k = model.n
+            for b in cands:
+                by_slot[b].extend(flat[k : k + levels - 1])
+                k += levels - 1
+        return self._install(snap, by_slot)
+
+    def _first_levels(self, candidates: int) -> int:
+        """L: the levels per candidate the next inline pass scores (LOOKAHEAD_ROWS)."""
+        want = 2 * (self.demand + 1)  # headroom: iterations vary, and a row costs less than a re-score
+        cap = 1 + LOOKAHEAD_ROWS // max(1, candidates)
+        levels = 1
+        while levels < want and levels < cap:
+            levels *= 2
+        return min(levels, cap)
