@@ -48,7 +48,7 @@ LOOKAHEAD_ROWS = 32
 scores every candidate after 0..L-1 more dispatches, L sized from the dispatches the busiest backend
 took in the last iteration (`IterationScheduler.demand`) and capped so that n x (L - 1) stays within
 this. In a busy proxy an iteration decides a dozen requests (2026-12-02, benchmarks/dqn_proxy.py:
-13 per pass on average), and re-scoring later cost ~40 % of the decision time; a row more in the one
+13 per pass on average), and re-scoring later took ~40 % of the decision time (py-spy, same day); a row more in the one
 pass costs far less than a second pass (its NumPy calls cost per call, not per row)."""
 
 OFF_LOOP_LEVELS = 8
@@ -243,7 +243,7 @@ class IterationScheduler:
         if snap.answered:
             self.engine.record_pass(snap.answered)
             snap.answered = 0
-            self.demand = max(snap.counts)
+            self.demand = max(snap.counts, default=0)
         if snap.pending is None and snap in self._live:
             self._live.remove(snap)
 
@@ -265,7 +265,7 @@ class IterationScheduler:
                 keep.append(snap)
             elif snap.answered:
                 self.engine.record_pass(snap.answered)
-                demand = max(demand, *snap.counts)
+                demand = max(demand, max(snap.counts, default=0))
         if demand >= 0:
             self.demand = demand
         self._live = keep
