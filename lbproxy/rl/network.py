@@ -46,8 +46,13 @@ _DYNAMIC_CONTEXT = CONTEXT_FEATURES - STATIC_CONTEXT
 
 
 class QNetwork(nn.Module):
-    def __init__(self, hidden: int = 64, summary: int = 32) -> None:
+    """`summary` defaults to half of `hidden`, so that every width is named by `hidden` alone (the
+    learner builds its networks from DqnConfig.hidden) and an average of K networks (rl/ensemble.py),
+    which is K times as wide in both, is one of them too."""
+
+    def __init__(self, hidden: int = 64, summary: int | None = None) -> None:
         super().__init__()
+        summary = summary if summary is not None else max(1, hidden // 2)
         self.hidden = hidden
         self.summary = summary
         self.static = nn.Linear(STATIC_FEATURES, summary)
