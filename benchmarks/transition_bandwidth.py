@@ -88,7 +88,13 @@ def compression(scenario: Scenario) -> tuple[float, float]:
     torch.set_num_threads(1)
     width = learning_width(len(scenario.cluster.servers))
     net, _meta = load_model(default_model_path())
-    cfg = DqnConfig(eps_start=0.02, eps_end=0.02, buffer_size=SAMPLE_DECISIONS, learning_starts=SAMPLE_DECISIONS)
+    cfg = DqnConfig(
+        eps_start=0.02,
+        eps_end=0.02,
+        buffer_size=SAMPLE_DECISIONS,
+        learning_starts=SAMPLE_DECISIONS,
+        hidden=net.hidden,  # the shipped model's width, whatever it is
+    )
     learner = Learner(cfg)
     learner.online.load_state_dict(net.state_dict())
     replay = ReplayBuffer(cfg.buffer_size, feature_dim(width), width)
