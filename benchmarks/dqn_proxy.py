@@ -117,13 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="free text for the results file (e.g. 'machine shared')")
     ap.add_argument("--hidden", type=int, default=64, help="hidden width of the served network (Settings default)")
     ap.add_argument("--no-online", action="store_true", help="only round_robin and greedy dqn")
+    ap.add_argument(
+        "--compare-hidden",
+        type=int,
+        help="also serve greedy dqn at this width in the same rounds (what a wider model costs)",
+    )
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="lbproxy-bench-"))
     model = tmp / "model.pth"
     make_model(model, args.hidden)
     configs = proxy_configs(model, args.no_online)
+    if args.compare_hidden:
+        wide = tmp / "wide.pth"
+        make_model(wide, args.compare_hidden)
+        configs[f"dqn, hidden {args.compare_hidden}"] = ["--policy", "dqn", "--model", str(wide)]
     results: dict[str, list[dict[str, float]]] = {k: [] for k in configs}
     ratios: list[float] = []  # dqn / round_robin per round (adjacent runs: least exposed to drift)
+    wide_ratios: list[float] = []  # the same for --compare-hidden
     backends = [start_backend("b1"), start_backend("b2")]
     proxies: dict[str, Proc] = {}
     try:
@@ -139,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(r)
                 print(f"round {rnd + 1} {name:<32} " + " ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
             ratios.append(results["dqn"][-1]["rps"] / results["round_robin"][-1]["rps"])
+            for name in results:
+                if name.startswith("dqn, hidden"):
+                    wide_ratios.append(results[name][-1]["rps"] / results["round_robin"][-1]["rps"])
     finally:
         for proc in [*proxies.values(), *backends]:
             proc.stop()
@@ -146,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                 proc.popen.stdout.close()
         shutil.rmtree(tmp, ignore_errors=True)
     lines = summary_lines(results, ratios)
+    if wide_ratios:
+        lo, hi = bootstrap_median_interval(wide_ratios)
+        lines.append(
+            f"dqn at hidden {args.compare_hidden} / round_robin per round: {', '.join(f'{x:.3f}' for x in wide_ratios)}"
+            f" (median {statistics.median(wide_ratios):.3f}, 90 % bootstrap interval of the median {lo:.3f}-{hi:.3f})"
+        )
     print("\n".join(lines))
     write_result(args.out, report(args, command(argv), lines))
     return 0
@@ -243,7 +262,9 @@ def report(args: argparse.Namespace, cmd: str, lines: list[str]) -> list[str]:
         f"{args.rounds} interleaved rounds over proxies started once; "
         "2 backends (256 workers, 1 ms constant service); "
         + ("proxy pinned to CPU 0, wrk + backends to CPU 1" if TASKSET else "no taskset: unpinned"),
-        f"- dqn model: production shape (equivariant QNetwork, hidden {args.hidden}; serve mode encodes states of"
+        f"- dqn model: production shape (equivariant QNetwork, hidden {args.hidden}"
+        + (f"; the last row hidden {args.compare_hidden}" if args.compare_hidden else "")
+        + "; serve mode encodes states of"
         f" {MAX_BACKENDS} rows and scores the pool's), weights set by hand to route like least in-flight"
         " (Q = -log1p(in-flight), so traffic is spread like round robin's); serve mode, greedy; NumPy inference"
         " inline, one pass per loop iteration and request class; --online: states of the replay width (16 rows)",
