@@ -1,13 +1,13 @@
 """`lbproxy distill OUT MODEL... [--init MODEL]`: one narrow network that routes like a wide one.
 
 Why: the mean of two trained models (`lbproxy average`, rl/ensemble.py) routes better than either,
-but it is twice as wide, and every live decision pays for that. Measured in the same
-benchmarks/dqn_proxy.py run on one day: greedy dqn at 0.87x round robin's throughput with hidden 64,
-0.78x with the mean's hidden 128. Distillation keeps most of the mean's routing at the narrow
-network's cost. The student is trained to reproduce the teacher's Q-values (policy distillation,
-Rusu et al. 2016) on the states the teacher routes, then on the states the student itself routes,
-labelled by the teacher (DAgger, Ross et al. 2011). A student that only sees the teacher's states
-drifts into states the teacher never visits and has no labels there.
+but it is twice as wide, and every live decision pays for that. Two benchmarks/dqn_proxy.py runs in
+the same hour: greedy dqn at 0.87x round robin's throughput with hidden 64, 0.78x with the mean's
+hidden 128. Distillation keeps about the mean's routing at the narrow network's cost
+(benchmarks/results/general_model/distilled/). The student is trained to reproduce the teacher's
+Q-values (policy distillation, Rusu et al. 2016) on the states the teacher routes, then on the states
+the student itself routes, labelled by the teacher (DAgger, Ross et al. 2011). A student that only
+sees the teacher's states drifts into states the teacher never visits and has no labels there.
 
 - States: training episodes on generated clusters of split "train" (sim/suite.training_set). These
   are the clusters training itself draws from, never the validation or evaluation ones. Each state
@@ -224,7 +224,7 @@ def distill(
 
 def main(argv: Sequence[str] | None = None) -> int:
     from lbproxy.rl.checkpoint import CheckpointError, save_model
-    from lbproxy.rl.ensemble import average_networks
+    from lbproxy.rl.ensemble import average_networks, load_member
 
     d = DistillConfig()
     parser = argparse.ArgumentParser(
@@ -258,10 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     torch.set_num_threads(1)  # deterministic, and a single core is what the work can use
     try:
-        teachers = [_load(path) for path in args.models]
+        teachers = [load_member(path)[0] for path in args.models]
         teacher = teachers[0] if len(teachers) == 1 else average_networks(teachers)
         if args.init is not None:
-            student = _load(args.init)
+            student = load_member(args.init)[0]
         else:
             torch.manual_seed(args.seed)
             student = QNetwork(args.hidden)
@@ -297,14 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{100 * result['same_choice']:.1f} %, was {100 * result['same_choice_before']:.1f} %)"
     )
     return 0
-
-
-def _load(path: Path) -> QNetwork:
-    from lbproxy.rl.checkpoint import CheckpointError, load_model
-
-    if not path.is_file():
-        raise CheckpointError(f"no model at {path}; pass dqn_final.pth files written by lbproxy --mode train")
-    return load_model(path)[0]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,8 +77,17 @@ def average_networks(nets: Sequence[QNetwork]) -> QNetwork:
     return out.eval()
 
 
+def load_member(path: Path) -> tuple[QNetwork, dict[str, Any]]:
+    """A model file named on the command line (average, distill): CheckpointError, one line, when missing or bad."""
+    from lbproxy.rl.checkpoint import CheckpointError, load_model
+
+    if not path.is_file():
+        raise CheckpointError(f"no model at {path}; pass dqn_final.pth files written by lbproxy --mode train")
+    return load_model(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from lbproxy.rl.checkpoint import CheckpointError, load_model, save_model
+    from lbproxy.rl.checkpoint import CheckpointError, save_model
 
     parser = argparse.ArgumentParser(
         prog="lbproxy average",
@@ -90,9 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nets, metas = [], []
     try:
         for path in args.models:
-            if not path.is_file():
-                raise CheckpointError(f"no model at {path}; pass dqn_final.pth files written by lbproxy --mode train")
-            net, meta = load_model(path)
+            net, meta = load_member(path)
             nets.append(net)
             metas.append(meta)
         avg = average_networks(nets)
