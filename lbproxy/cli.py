@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  lbproxy --mode evaluate [--model dqn_final.pth] [--episodes 50] [--scenario NAME]\n"
         "  lbproxy plot RUN_DIR            learning curves and evaluation chart as PNG\n"
         "  lbproxy demo [--quick]          local cluster + proxy learning live + Locust + report\n"
-        "  lbproxy average OUT MODEL...    one model whose Q-values are the models' mean (the shipped one)\n"
-        "  lbproxy distill OUT MODEL...    a narrow model trained to route like MODEL (or their mean)\n\n"
+        "  lbproxy average OUT MODEL...    one model whose Q-values are the models' mean\n"
+        "  lbproxy distill OUT MODEL...    a narrow model routing like MODEL or their mean (the shipped one)\n\n"
         "Every flag can also be set as LBPROXY_<FLAG> in the environment or as a key in --config FILE.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

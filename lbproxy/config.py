@@ -219,7 +219,7 @@ class Settings(BaseSettings):
         "general model's training distribution). Default: the three-phase curriculum cluster.",
     )
     episodes: int | None = Field(
-        None, ge=1, description="Episodes to run (train default 6000; evaluate 50, or 4 per cluster with --suite)."
+        None, ge=1, description="Episodes to run (train default 6000; evaluate 50, or 32 per cluster with --suite)."
     )
     suite: str | None = Field(
         None,
