@@ -104,29 +104,41 @@ def pinned_self(cpu: int) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+PORT_ATTEMPTS = 3
+"""A free port can be taken by another process before the proxy binds it (parallel test workers
+start servers too): the proxy then exits with "already in use" and is started again on new ports."""
+
+
 def start_lbproxy(mode_args: Sequence[str], backends: str, args: Sequence[str], log: Path | None = None) -> Proc:
     """`python -m lbproxy MODE_ARGS ARGS` on free loopback ports in front of `backends`, pinned to
     PROXY_CPU, active health checks off (a foreign backend has no /health: see live_foreign.md for what
     the default does), its output to `log` or to a pipe; returns once /readyz answers."""
-    port, admin = free_port(), free_port()
-    argv = [sys.executable, "-m", "lbproxy", *mode_args, "--host", LOOPBACK, "--port", str(port)]
-    argv += ["--admin-port", str(admin), "--backends", backends, "--health-interval-s", "0", *args]
-    with contextlib.ExitStack() as stack:
-        out = stack.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
-        popen = subprocess.Popen(
-            pinned(PROXY_CPU, argv),
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    proc = Proc(popen, port, admin)
-    try:
-        wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=PROXY_BOOT_S, proc=popen)
-    except Exception:
-        proc.stop()
-        raise
-    return proc
+    for attempt in range(PORT_ATTEMPTS):
+        port, admin = free_port(), free_port()
+        argv = [sys.executable, "-m", "lbproxy", *mode_args, "--host", LOOPBACK, "--port", str(port)]
+        argv += ["--admin-port", str(admin), "--backends", backends, "--health-interval-s", "0", *args]
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+            popen = subprocess.Popen(
+                pinned(PROXY_CPU, argv),
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        proc = Proc(popen, port, admin)
+        try:
+            wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=PROXY_BOOT_S, proc=popen, body_prefix="ready")
+            return proc
+        except RuntimeError as exc:
+            proc.stop()
+            said = str(exc) + (log.read_text(errors="replace") if log is not None else "")
+            if "already in use" not in said or attempt == PORT_ATTEMPTS - 1:
+                raise
+        except Exception:
+            proc.stop()
+            raise
+    raise AssertionError("unreachable")
 
 
 def start_proxy(backends: str, policy: PolicyConfig, seed: int) -> Proc:

@@ -27,8 +27,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http_ok(url: str, timeout_s: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll `url` until it answers 2xx; fail early if `proc` died."""
+def wait_http_ok(
+    url: str, timeout_s: float = 60.0, proc: subprocess.Popen[bytes] | None = None, body_prefix: str | None = None
+) -> None:
+    """Poll `url` until it answers 2xx (and, with `body_prefix`, a body that starts with it); fail
+    early if `proc` died. The prefix tells our process from another one that took the same free port
+    between `free_port()` and the bind (parallel test workers): its 2xx is not a readiness."""
     deadline = time.monotonic() + timeout_s
     last: str | None = None
     while time.monotonic() < deadline:
@@ -38,7 +42,9 @@ def wait_http_ok(url: str, timeout_s: float = 60.0, proc: subprocess.Popen[bytes
         try:
             with urllib.request.urlopen(url, timeout=1.0) as resp:
                 if 200 <= resp.status < 300:
-                    return
+                    if body_prefix is None or resp.read().decode(errors="replace").startswith(body_prefix):
+                        return
+                    last = "an answer from another server"
         except urllib.error.HTTPError as exc:
             # A non-2xx answer (e.g. /readyz 503 while the proxy binds its data port) holds the open
             # socket: close it now. Left to the garbage collector (exc <-> traceback is a cycle), it
