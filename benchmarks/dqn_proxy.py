@@ -45,7 +45,7 @@ from common import (  # noqa: E402
     utc_now,
     write_result,
 )
-from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
+from support import LOOPBACK, READY, Proc, free_port, wait_http_ok  # noqa: E402
 
 from lbproxy.observe import MAX_BACKENDS  # noqa: E402
 
@@ -77,7 +77,7 @@ def start_proxy(backends: list[str], extra: list[str]) -> Proc:
     args += ["--backends", ",".join(backends), "--health-interval-s", "0", "--device", "cpu", *extra]
     p = spawn(args, cpu=0)
     proc = Proc(p, port, admin)
-    wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=60, proc=p)
+    wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=60, proc=p, body_prefix=READY)
     return proc
 
 

@@ -27,7 +27,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO):
         sys.path.insert(0, str(_p))
 
 from common import MetricsPage, admin_backends, scrape_metrics  # noqa: E402
-from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
+from support import LOOPBACK, READY, Proc, free_port, wait_http_ok  # noqa: E402
 
 from loadgen.open_loop import (  # noqa: E402
     START_LEAD_S,
@@ -61,7 +61,7 @@ def start_lbproxies(runs: Sequence[tuple[Sequence[str], Sequence[str], Path]], m
             procs.append(Proc(popen, port, admin))
         for proc, (_, _, log) in zip(procs, runs, strict=True):
             try:
-                wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=PROXY_BOOT_S, proc=proc.popen)
+                wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=PROXY_BOOT_S, proc=proc.popen, body_prefix=READY)
             except Exception as exc:
                 tail = log.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"lbproxy did not start: {exc}\n{tail}") from None

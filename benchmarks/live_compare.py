@@ -30,7 +30,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO):
 
 from common import LOAD_CPU, PROXY_CPU, MetricsPage, admin_backends, cpu_s, pinned, scrape_metrics  # noqa: E402
 from foreign_cluster import ForeignCluster, start_foreign_cluster  # noqa: E402
-from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
+from support import LOOPBACK, READY, Proc, free_port, wait_http_ok  # noqa: E402
 
 from lbproxy.config import POLICY_NAMES  # noqa: E402
 from loadgen.open_loop import RunResult, Schedule, Summary, parse_mix, poisson_schedule, run  # noqa: E402
@@ -128,7 +128,7 @@ def start_lbproxy(mode_args: Sequence[str], backends: str, args: Sequence[str], 
             )
         proc = Proc(popen, port, admin)
         try:
-            wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=PROXY_BOOT_S, proc=popen, body_prefix="ready")
+            wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=PROXY_BOOT_S, proc=popen, body_prefix=READY)
             return proc
         except RuntimeError as exc:
             proc.stop()

@@ -48,7 +48,7 @@ from common import (  # noqa: E402
     write_result,
 )
 from dqn_proxy import start_backend  # noqa: E402
-from support import LOOPBACK, Proc, free_port, wait_http_ok  # noqa: E402
+from support import LOOPBACK, READY, Proc, free_port, wait_http_ok  # noqa: E402
 
 from lbproxy.config_values import usable_cpus  # noqa: E402
 
@@ -70,7 +70,7 @@ def start_proxy(backends: list[str], workers: int, cpus: list[int]) -> Proc:
         stderr=subprocess.STDOUT,
     )
     proxy = Proc(p, port, admin)
-    wait_http_ok(f"{proxy.admin_url}/readyz", timeout_s=60, proc=p)
+    wait_http_ok(f"{proxy.admin_url}/readyz", timeout_s=60, proc=p, body_prefix=READY)
     return proxy
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
+READY = "ready"
+"""How lbproxy's /readyz body starts when it is ready: `wait_http_ok(..., body_prefix=READY)` tells it from
+another server that took the same free port."""
 
 
 def free_port() -> int:
@@ -141,7 +144,7 @@ def start_proxy(backends: Sequence[str], *extra: str, mode: str = "serve", env: 
     p = spawn([*argv, "--backends", ",".join(backends), *extra], env=env)
     proc = Proc(p, port, admin)
     try:
-        wait_http_ok(f"{proc.admin_url}/readyz", proc=p)
+        wait_http_ok(f"{proc.admin_url}/readyz", proc=p, body_prefix=READY)
     except Exception:
         proc.stop()
         raise

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from support import LOOPBACK, REPO, free_port, wait_http_ok
+from support import LOOPBACK, READY, REPO, free_port, wait_http_ok
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import live_compare
@@ -47,7 +47,7 @@ def test_readiness_with_a_body_prefix_is_not_fooled_by_another_server(other_serv
     url = f"http://{LOOPBACK}:{other_server}/readyz"
     wait_http_ok(url, timeout_s=5.0)  # any 2xx
     with pytest.raises(TimeoutError, match="another server"):
-        wait_http_ok(url, timeout_s=0.5, body_prefix="ready")
+        wait_http_ok(url, timeout_s=0.5, body_prefix=READY)
 
 
 def test_proxy_launcher_starts_again_when_its_port_was_taken(monkeypatch: pytest.MonkeyPatch) -> None:
