@@ -45,7 +45,7 @@ from common import (  # noqa: E402
     utc_now,
     write_result,
 )
-from support import LOOPBACK, READY, Proc, free_port, wait_http_ok  # noqa: E402
+from support import LOOPBACK, Proc, free_port, lbproxy_argv, start_on_free_ports, wait_http_ok  # noqa: E402
 
 from lbproxy.observe import MAX_BACKENDS  # noqa: E402
 
@@ -72,13 +72,8 @@ def start_backend(name: str) -> Proc:
 
 
 def start_proxy(backends: list[str], extra: list[str]) -> Proc:
-    port, admin = free_port(), free_port()
-    args = ["-m", "lbproxy", "--mode", "serve", "--host", LOOPBACK, "--port", str(port), "--admin-port", str(admin)]
-    args += ["--backends", ",".join(backends), "--health-interval-s", "0", "--device", "cpu", *extra]
-    p = spawn(args, cpu=0)
-    proc = Proc(p, port, admin)
-    wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=60, proc=p, body_prefix=READY)
-    return proc
+    tail = ["--backends", ",".join(backends), "--health-interval-s", "0", "--device", "cpu", *extra]
+    return start_on_free_ports(lambda port, admin: spawn([*lbproxy_argv("serve", port, admin), *tail], cpu=0))
 
 
 def metric(admin_url: str, name: str) -> float:

@@ -30,7 +30,7 @@ for _p in (REPO / "benchmarks", REPO / "tests", REPO):
 
 from common import LOAD_CPU, PROXY_CPU, MetricsPage, admin_backends, cpu_s, pinned, scrape_metrics  # noqa: E402
 from foreign_cluster import ForeignCluster, start_foreign_cluster  # noqa: E402
-from support import LOOPBACK, READY, Proc, free_port, wait_http_ok  # noqa: E402
+from support import LOOPBACK, Proc, start_on_free_ports  # noqa: E402
 
 from lbproxy.config import POLICY_NAMES  # noqa: E402
 from loadgen.open_loop import RunResult, Schedule, Summary, parse_mix, poisson_schedule, run  # noqa: E402
@@ -104,41 +104,25 @@ def pinned_self(cpu: int) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-PORT_ATTEMPTS = 3
-"""A free port can be taken by another process before the proxy binds it (parallel test workers
-start servers too): the proxy then exits with "already in use" and is started again on new ports."""
-
-
 def start_lbproxy(mode_args: Sequence[str], backends: str, args: Sequence[str], log: Path | None = None) -> Proc:
     """`python -m lbproxy MODE_ARGS ARGS` on free loopback ports in front of `backends`, pinned to
     PROXY_CPU, active health checks off (a foreign backend has no /health: see live_foreign.md for what
     the default does), its output to `log` or to a pipe; returns once /readyz answers."""
-    for attempt in range(PORT_ATTEMPTS):
-        port, admin = free_port(), free_port()
+
+    def launch(port: int, admin: int) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "lbproxy", *mode_args, "--host", LOOPBACK, "--port", str(port)]
         argv += ["--admin-port", str(admin), "--backends", backends, "--health-interval-s", "0", *args]
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
-            popen = subprocess.Popen(
+            return subprocess.Popen(
                 pinned(PROXY_CPU, argv),
                 cwd=REPO,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        proc = Proc(popen, port, admin)
-        try:
-            wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=PROXY_BOOT_S, proc=popen, body_prefix=READY)
-            return proc
-        except RuntimeError as exc:
-            proc.stop()
-            said = str(exc) + (log.read_text(errors="replace") if log is not None else "")
-            if "already in use" not in said or attempt == PORT_ATTEMPTS - 1:
-                raise
-        except Exception:
-            proc.stop()
-            raise
-    raise AssertionError("unreachable")
+
+    return start_on_free_ports(launch, timeout_s=PROXY_BOOT_S, log=log)
 
 
 def start_proxy(backends: str, policy: PolicyConfig, seed: int) -> Proc:

@@ -48,7 +48,7 @@ from common import (  # noqa: E402
     write_result,
 )
 from dqn_proxy import start_backend  # noqa: E402
-from support import LOOPBACK, READY, Proc, free_port, wait_http_ok  # noqa: E402
+from support import Proc, lbproxy_argv, start_on_free_ports  # noqa: E402
 
 from lbproxy.config_values import usable_cpus  # noqa: E402
 
@@ -58,20 +58,18 @@ def cpu_set(cpus: list[int]) -> str:
 
 
 def start_proxy(backends: list[str], workers: int, cpus: list[int]) -> Proc:
-    port, admin = free_port(), free_port()
-    args = ["-m", "lbproxy", "--mode", "serve", "--host", LOOPBACK, "--port", str(port), "--admin-port", str(admin)]
-    args += ["--backends", ",".join(backends), "--health-interval-s", "0", "--workers", str(workers)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(
-        pinned(cpu_set(cpus), [sys.executable, *args]),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    proxy = Proc(p, port, admin)
-    wait_http_ok(f"{proxy.admin_url}/readyz", timeout_s=60, proc=p, body_prefix=READY)
-    return proxy
+    tail = ["--backends", ",".join(backends), "--health-interval-s", "0", "--workers", str(workers)]
+
+    def launch(port: int, admin: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            pinned(cpu_set(cpus), [sys.executable, *lbproxy_argv("serve", port, admin), *tail]),
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL,  # N workers for minutes: a pipe nobody reads would fill and block them
+            stderr=subprocess.STDOUT,
+        )
+
+    return start_on_free_ports(launch)
 
 
 def machine_busy_s() -> float:

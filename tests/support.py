@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,18 +137,40 @@ def start_backend(*extra: str, port: int | None = None, workers: int = 4, speed:
     return proc
 
 
+PORT_ATTEMPTS = 3
+"""A free port can be taken by another process before lbproxy binds it (parallel test workers start
+servers too): lbproxy then exits with "already in use" and is started again on new ports."""
+
+
+def start_on_free_ports(
+    launch: Callable[[int, int], subprocess.Popen[bytes]], timeout_s: float = 60.0, log: Path | None = None
+) -> Proc:
+    """lbproxy started by `launch(port, admin_port)` on free loopback ports, returned once its own
+    /readyz says ready; started again on new ports when a port was taken meanwhile. `log`: where
+    `launch` sends its output, if not to a pipe (read for the bind error)."""
+    for attempt in range(PORT_ATTEMPTS):
+        port, admin = free_port(), free_port()
+        proc = Proc(launch(port, admin), port, admin)
+        try:
+            wait_http_ok(f"{proc.admin_url}/readyz", timeout_s=timeout_s, proc=proc.popen, body_prefix=READY)
+            return proc
+        except Exception as exc:
+            proc.stop()
+            said = str(exc) + (log.read_text(errors="replace") if log is not None and log.exists() else "")
+            if "already in use" not in said or attempt == PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("PORT_ATTEMPTS is at least 1")
+
+
+def lbproxy_argv(mode: str, port: int, admin: int) -> list[str]:
+    return ["-m", "lbproxy", "--mode", mode, "--host", LOOPBACK, "--port", str(port), "--admin-port", str(admin)]
+
+
 def start_proxy(backends: Sequence[str], *extra: str, mode: str = "serve", env: dict[str, str] | None = None) -> Proc:
     """`python -m lbproxy --mode MODE ...` on free ports, ready when the admin /readyz answers."""
-    port, admin = free_port(), free_port()
-    argv = ["-m", "lbproxy", "--mode", mode, "--host", LOOPBACK, "--port", str(port), "--admin-port", str(admin)]
-    p = spawn([*argv, "--backends", ",".join(backends), *extra], env=env)
-    proc = Proc(p, port, admin)
-    try:
-        wait_http_ok(f"{proc.admin_url}/readyz", proc=p, body_prefix=READY)
-    except Exception:
-        proc.stop()
-        raise
-    return proc
+    return start_on_free_ports(
+        lambda port, admin: spawn([*lbproxy_argv(mode, port, admin), "--backends", ",".join(backends), *extra], env=env)
+    )
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """A free port taken by another process before our server binds it (parallel test workers start
-servers too): readiness must not be fooled by the other server, and the benchmarks' proxy launcher
-starts again on new ports. Real sockets and a real lbproxy process."""
+servers too): readiness must not be fooled by the other server, and lbproxy is started again on new
+ports (support.start_on_free_ports, which every single-proxy launcher of the tests and benchmarks
+uses). Real sockets and a real lbproxy process."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from support import LOOPBACK, READY, REPO, free_port, wait_http_ok
+import support
+from support import LOOPBACK, READY, REPO, free_port, start_proxy, wait_http_ok
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import live_compare
 from common import admin_backends
 
 
@@ -50,17 +51,17 @@ def test_readiness_with_a_body_prefix_is_not_fooled_by_another_server(other_serv
         wait_http_ok(url, timeout_s=0.5, body_prefix=READY)
 
 
-def test_proxy_launcher_starts_again_when_its_port_was_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lbproxy_is_started_again_when_its_port_was_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first admin port handed out is already bound and listening (as another worker's server
-    would be): the proxy exits with 'already in use', and the launcher retries on fresh ports."""
+    would be): the proxy exits with 'already in use', and it is started again on fresh ports."""
     taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     taken.bind((LOOPBACK, 0))
     taken.listen()
     taken_port = int(taken.getsockname()[1])
     ports = iter([free_port(), taken_port])
-    monkeypatch.setattr(live_compare, "free_port", lambda: next(ports, None) or free_port())
+    monkeypatch.setattr(support, "free_port", lambda: next(ports, None) or free_port())
     try:
-        proc = live_compare.start_lbproxy(("--mode", "serve"), f"http://{LOOPBACK}:9", ["--policy", "round_robin"])
+        proc = start_proxy([f"http://{LOOPBACK}:9"], "--policy", "round_robin", "--health-interval-s", "0")
     finally:
         taken.close()
     try:
