@@ -43,6 +43,9 @@ and the figures would measure CPU contention, not routing. Queueing scales with 
 policies are what this speed leaves unchanged."""
 ONLINE_SUFFIX = "_online"
 """`dqn_online` means `--policy dqn --online` (learning from the live traffic while serving)."""
+OPTION_MARK = "@"
+"""`dqn_online@lr=0.0001@eps-end=0` is `dqn_online` run with `--lr 0.0001 --eps-end 0`: variants of one
+policy side by side, each labelled by its full name."""
 WARMUP_SEED_OFFSET = 1_000_000
 """Warm-up schedules use seed + this, so they never repeat a measured schedule."""
 PROXY_STOP_S = 3.0
@@ -75,8 +78,9 @@ def policy_configs(names: Sequence[str], model: Path | None) -> tuple[list[Polic
     configs: list[PolicyConfig] = []
     notes: list[str] = []
     for name in names:
-        online = name.endswith(ONLINE_SUFFIX)
-        base = name.removesuffix(ONLINE_SUFFIX)
+        policy, *options = name.split(OPTION_MARK)
+        online = policy.endswith(ONLINE_SUFFIX)
+        base = policy.removesuffix(ONLINE_SUFFIX)
         if base not in POLICY_NAMES or (online and base != "dqn"):
             notes.append(f"skipped {name}: lbproxy has no such policy yet (it knows {', '.join(POLICY_NAMES)})")
             continue
@@ -85,6 +89,11 @@ def policy_configs(names: Sequence[str], model: Path | None) -> tuple[list[Polic
             args += ["--model", str(model)]
         if online:
             args.append("--online")
+        for option in options:
+            flag, sep, value = option.partition("=")
+            if not sep or not flag:
+                raise SystemExit(f"policy {name!r}: options are written @flag=value, e.g. dqn_online@lr=0.0001")
+            args += [f"--{flag}", value]
         configs.append(PolicyConfig(name, tuple(args)))
     return configs, notes
 

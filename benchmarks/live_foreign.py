@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/live_foreign.py [--workers 1,2,4,8] [--load 0.8] [--duration-s 30] [--rounds 3]
         [--policies round_robin,random,least_conn,p2c,peak_ewma,sed,prequal,c3,dqn,dqn_online]
+        (a policy may carry proxy flags: dqn_online@lr=0.0001 runs it with --lr 0.0001)
 
 The backends are gunicorn processes (sync workers) serving backends/foreign_app.py: a server this
 project did not write, which sends none of the headers our own backends send (no service time, no

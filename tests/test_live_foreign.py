@@ -132,6 +132,14 @@ def test_policy_configs_skip_unknown_policies() -> None:
     assert len(notes) == 2 and notes[0].startswith("skipped no_such_policy")
 
 
+def test_policy_configs_options_become_flags() -> None:
+    configs, _ = policy_configs(["dqn_online@lr=0.0001@eps-end=0"], None)
+    assert configs[0].name == "dqn_online@lr=0.0001@eps-end=0"
+    assert configs[0].args == ("--policy", "dqn", "--online", "--lr", "0.0001", "--eps-end", "0")
+    with pytest.raises(SystemExit, match="written @flag=value"):
+        policy_configs(["dqn@lr"], None)
+
+
 # --- through the proxy -----------------------------------------------------------------------------
 LIVE_WORKERS = (1, 2, 4, 8)
 LIVE_SPEED = 0.5
