@@ -37,7 +37,10 @@ P99_OVER_FALLBACK_MAX = 3.0
 (probe runs of the same code) 0.9-1.3 in the evening: a 25-second run's p99 is its 25th-slowest request, and
 the worst 5 seconds are when learning starts (after 1000 transitions, ~10 s here), whose first updates
 share the proxy's core; that slice's p99 was 656-985 ms against 344-480 ms in the others. Random routing
-from scratch, which this guards against, gave ~50x (26 s p99, 11.5 % failed)."""
+from scratch, which this guards against, gave ~50x (26 s p99, 11.5 % failed). On 2026-12-03 evening one
+fresh-clone CI run read 5.70 (2611 against 458 ms; the second half alone 518 ms, 1.13x): the spike is the
+start of learning, and the suite's one rerun passed (1.5x over 5 minutes is the benchmark's claim, this
+test's bound is the outage guard)."""
 
 
 @pytest.mark.slow
