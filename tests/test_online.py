@@ -17,6 +17,7 @@ from lbproxy.config import Settings
 from lbproxy.observe import C_CLASS, ROW_FEATURES, ClusterView, Outcome, action_mask, encode_state, reward
 from lbproxy.policies.dqn_runtime import create_dqn_runtime
 from lbproxy.policy import resolve
+from lbproxy.rl.network import QNetwork
 from lbproxy.rl.online import BackgroundLearner
 from lbproxy.telemetry import Metrics
 from lbproxy.train.run_dir import ERROR_LOG, RunDir
@@ -172,6 +173,45 @@ async def test_background_learner_updates_and_publishes_weights() -> None:
     with torch.inference_mode():
         expected = lrn.learner.online(torch.from_numpy(state)[None])[0, : view.n].numpy()
     np.testing.assert_allclose(passed[1] - passed[1][0], expected - expected[0], atol=1e-4)
+
+
+async def test_training_from_scratch_routes_by_the_fallback_until_the_first_published_update() -> None:
+    """A network no update has touched routes at random: from scratch, every exploiting decision goes
+    to the fallback (counted as no_model) and is still recorded for learning, until the learner
+    publishes its first weights; from then on the network routes. With --init-model it routes at once."""
+    view = ClusterView.create(2)
+    metrics = Metrics()
+    rt = create_dqn_runtime(
+        small_settings(weight_sync_every=1, control_share=0.0), view, metrics, train=True, total_decisions=1000
+    )
+    lrn = rt.learner
+    assert isinstance(lrn, BackgroundLearner)
+    assert not rt.engine.has_model
+    await rt.start()
+    try:
+        n = 0
+        deadline = time.monotonic() + 20.0
+        while not rt.engine.has_model and time.monotonic() < deadline:
+            a, did = await resolve(rt.policy.decide(n % 3, view, now_s=n * 0.01))
+            assert did >= 0, "decisions routed by the fallback are recorded for learning too"
+            view.on_dispatch(a)
+            out = Outcome(backend=a, req_class=n % 3, latency_s=0.01 + 0.1 * a, error=False, decision_id=did)
+            view.on_complete(out, n * 0.01 + 0.005)
+            rt.policy.observe(out, view, n * 0.01 + 0.005)
+            n += 1
+            await asyncio.sleep(0.001 if len(lrn.replay) >= lrn.pacer.learning_starts else 0)
+        assert rt.engine.has_model and lrn.updates >= 1
+        assert rt.policy.fallback_counts["no_model"] == n >= lrn.pacer.learning_starts
+        before = rt.policy.fallback_counts["no_model"]
+        for k in range(5):
+            await resolve(rt.policy.decide(0, view, now_s=10.0 + k))
+            await asyncio.sleep(0)
+        assert rt.policy.fallback_counts["no_model"] == before, "the published network routes"
+    finally:
+        await rt.stop()
+    init = create_dqn_runtime(small_settings(), view, None, train=True, net=QNetwork(16), total_decisions=1000)
+    assert init.engine.has_model, "--init-model: the given network routes from the first request"
+    init.engine.close()
 
 
 @pytest.mark.slow

@@ -160,7 +160,12 @@ def learner_for(
         )
     serving_net = QNetwork(cfg.hidden)
     serving_net.load_state_dict({k: v.detach().cpu() for k, v in core.online.state_dict().items()})
-    engine.load_network(serving_net)
+    # Fresh weights (live training from scratch) are not served: until the learner's first published
+    # update the fallback routes (counted as `no_model`) while its transitions fill the replay. Before
+    # this, ε decayed while no update had run yet, and a random network routed a growing share of the
+    # traffic: the 25 s test read a p99 of 5.7x the fallback's once (2026-12-03). A worker attached to
+    # the shared learner serves what that learner serves (it may have resumed trained weights).
+    engine.load_network(serving_net, routable=attach is not None or learner_state is not None or init is not None)
     return learner
 
 

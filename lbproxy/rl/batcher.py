@@ -140,8 +140,11 @@ class InferenceEngine:
         """The NumPy weights inline passes use (None on the CUDA backend or before a model)."""
         return self._weights
 
-    def load_network(self, net: QNetwork) -> None:
-        """Install a network (start-up). For CUDA this captures the graphs: call it before serving."""
+    def load_network(self, net: QNetwork, *, routable: bool = True) -> None:
+        """Install a network (start-up). For CUDA this captures the graphs: call it before serving.
+        `routable=False`: the weights are installed (graphs captured) but not served: `has_model`
+        stays False, so the policy routes by its fallback until the first `publish` (live training
+        from scratch: a network that has not been updated once routes at random, DESIGN.md §4)."""
         sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if self.backend == "cuda":
             clone = QNetwork(net.hidden, net.summary)
@@ -156,6 +159,8 @@ class InferenceEngine:
             if self.backend == "thread":
                 self._ensure_executor()
             self.publish(NumpyWeights.from_state_dict(sd))
+        if not routable:
+            self._version = 0
 
     def prepare(self, state_dict: Mapping[str, torch.Tensor]) -> Any:
         """What `publish` wants for this backend, built OFF the loop (in the learner thread)."""
