@@ -33,8 +33,10 @@ log = logging.getLogger("lbproxy")
 class SharedLearner:
     """The supervisor's learner: its host, where it runs, and the watch that reports its death once."""
 
-    def __init__(self, host: LearnerHost, metrics_dir: Path, worker_cpus: set[int]) -> None:
+    def __init__(self, host: LearnerHost, metrics_dir: Path, worker_cpus: set[int], *, untrained: bool) -> None:
         self.host = host
+        self.untrained = untrained
+        """Live training from scratch: the weights it starts on route nothing (Attachment.untrained)."""
         self.metrics_dir = metrics_dir
         self.worker_cpus = worker_cpus
         """The CPUs left to the workers when the learner has one of its own; empty: no pinning."""
@@ -66,7 +68,8 @@ class SharedLearner:
         except BaseException:
             host.close()
             raise
-        self = cls(host, metrics_dir, set(cpus[:-1]) if own_core else set())
+        untrained = settings.mode == "train" and init is None and learner_state is None
+        self = cls(host, metrics_dir, set(cpus[:-1]) if own_core else set(), untrained=untrained)
         if own_core and host.pid is not None:
             with contextlib.suppress(OSError):  # it died at once: the watch reports why
                 os.sched_setaffinity(host.pid, {cpus[-1]})
@@ -74,7 +77,7 @@ class SharedLearner:
         return self
 
     def attachment(self, slot: int) -> Attachment:
-        return Attachment(self.host.shm.names, self.host.layout, slot)
+        return Attachment(self.host.shm.names, self.host.layout, slot, self.untrained)
 
     def describe(self) -> dict[str, Any]:
         return self.host.describe()

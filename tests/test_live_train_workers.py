@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import Proc, start_backend, start_proxy
@@ -68,6 +69,16 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def no_model(worker: dict[str, Any]) -> int:
+    """A worker's decisions routed by the fallback because its engine served no model."""
+    return int(worker["policy_state"]["fallbacks"]["no_model"])
+
+
+def served_version(worker: dict[str, Any]) -> int:
+    """The weights versions a worker's engine has served (0: none, the fallback routes)."""
+    return int(worker["policy_state"]["model_version"])
+
+
 def checkpoint(run_dir: Path, episode: int) -> dict[str, object]:
     from lbproxy.rl.checkpoint import load_checkpoint
 
@@ -79,6 +90,9 @@ def test_two_workers_train_one_model_and_the_run_resumes_with_any_worker_count(
 ) -> None:
     run_dir = tmp_path / "run"
     trainer = start_train(backends, run_dir, 2, "--episodes", "8")
+    # From scratch the fresh weights route nothing: until the learner's first published update (none
+    # before any traffic) the workers serve no model and route by the fallback, as one process does.
+    assert [served_version(w) for w in per_worker(trainer)] == [0, 0]
     traffic = Traffic(trainer)
     try:
         state: dict[str, list[int]] = {}
@@ -122,6 +136,7 @@ def test_two_workers_train_one_model_and_the_run_resumes_with_any_worker_count(
 
     # And with two again, open-ended: a worker killed mid-run is replaced, SIGTERM ends the run cleanly.
     trainer = start_train(backends, run_dir, 2, "--episodes", "1000", "--resume")
+    assert all(served_version(w) >= 1 for w in per_worker(trainer)), "resumed weights route at once"
     traffic = Traffic(trainer)
     try:
         victim = next(w for w in per_worker(trainer) if w["worker"] == 0)
@@ -132,6 +147,8 @@ def test_two_workers_train_one_model_and_the_run_resumes_with_any_worker_count(
             return {w["worker"]: w["pid"] for w in per_worker(trainer)}.get(0) not in (None, victim["pid"])
 
         wait_for("a new worker 0", replaced, timeout_s=60)
+        # Resumed weights route from the first request, in the replaced worker too.
+        assert all(no_model(w) == 0 for w in per_worker(trainer))
         wait_for(
             "two more episodes",
             lambda: len(rows(run_dir)) > 5 or (run_dir / "checkpoints" / "dqn_episode_0012.pth").is_file(),

@@ -164,8 +164,14 @@ def learner_for(
     # update the fallback routes (counted as `no_model`) while its transitions fill the replay. Before
     # this, ε decayed while no update had run yet, and a random network routed a growing share of the
     # traffic: the 25 s test read a p99 of 5.7x the fallback's once (2026-12-03). A worker attached to
-    # the shared learner serves what that learner serves (it may have resumed trained weights).
-    engine.load_network(serving_net, routable=attach is not None or learner_state is not None or init is not None)
+    # the shared learner serves what that learner serves, unless that is still its fresh start (or
+    # its first copy raced a publish: version -1, the worker's own start weights are in `core`).
+    if attach is not None:
+        assert isinstance(learner, ProcessLearner)
+        routable = learner.serving_version >= (1 if attach.untrained else 0)
+    else:
+        routable = learner_state is not None or init is not None
+    engine.load_network(serving_net, routable=routable)
     return learner
 
 

@@ -79,6 +79,12 @@ class ProcessLearner:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
+    def serving_version(self) -> int:
+        """The learner's weights version this loop took last (0: its start weights; -1: the first
+        copy raced a publish, the poll takes the next)."""
+        return self._seen_version
+
+    @property
     def attached(self) -> bool:
         """Fed into the supervisor's learner, which reports the learner's metrics itself."""
         return self.host is None

@@ -67,13 +67,21 @@ class Attachment:
     names: dict[str, str]
     layout: Layout
     slot: int
+    untrained: bool = False
+    """The learner's version-0 weights are fresh (live training from scratch): a worker routes by its
+    fallback until the first published update, as one process does (policies/dqn_parts.learner_for)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"names": self.names, "layout": dataclasses.asdict(self.layout), "slot": self.slot}
+        return {
+            "names": self.names,
+            "layout": dataclasses.asdict(self.layout),
+            "slot": self.slot,
+            "untrained": self.untrained,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Attachment:
-        return cls(dict(data["names"]), Layout(**data["layout"]), int(data["slot"]))
+        return cls(dict(data["names"]), Layout(**data["layout"]), int(data["slot"]), bool(data.get("untrained")))
 
 
 class Shm:
