@@ -262,7 +262,14 @@ class Settings(BaseSettings):
     target_update_every: int = Field(500, ge=1, description="Updates between target-network syncs.")
     weight_sync_every: int = Field(50, ge=1, description="Updates between publishing weights to inference.")
     eps_start: float = Field(1.0, ge=0, le=1, description="Initial exploration rate.")
-    eps_end: float = Field(0.02, ge=0, le=1, description="Final exploration rate.")
+    eps_end: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Final exploration rate (training), and the share of requests routed by the fallback "
+        "for learning when serving with --online, the guardrail's control arm included (so ε there is "
+        "eps-end minus control-share, 0 at the defaults).",
+    )
     eps_fraction: float = Field(0.3, gt=0, le=1, description="Share of training over which epsilon decays.")
     hidden: int = Field(64, ge=4, description="Hidden width of the Q-network's per-backend rows.")
     grad_clip: float = Field(10.0, gt=0, description="Gradient-norm clip.")

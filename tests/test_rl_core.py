@@ -17,6 +17,7 @@ from nets import column_net
 
 from lbproxy.config import Settings
 from lbproxy.observe import F_LOG_IN_FLIGHT, F_VALID, ROW_FEATURES, ClusterView, Outcome, encode_state, feature_dim
+from lbproxy.policies.dqn_parts import epsilon_schedule
 from lbproxy.policy import NoBackendAvailable, Policy
 from lbproxy.rl.action_selection import masked_argmax
 from lbproxy.rl.agent import DqnAgent, GreedyDqn
@@ -270,6 +271,19 @@ def test_epsilon_schedule() -> None:
     assert sch.decay_decisions == 100
     assert sch.value(0) == 1.0 and sch.value(50) == pytest.approx(0.55) and sch.value(100) == pytest.approx(0.1)
     assert sch.value(10_000) == 0.1
+
+
+def test_online_serving_explores_only_what_the_control_arm_does_not_route_by_the_fallback() -> None:
+    def serving_eps(**kw: float) -> float:
+        sch = epsilon_schedule(Settings.model_validate(kw), None)
+        assert sch.start == sch.end
+        return sch.end
+
+    assert serving_eps() == 0.0  # defaults: eps_end 0.02 within the 0.05 control arm
+    assert serving_eps(control_share=0.0) == pytest.approx(0.02)  # no guardrail: ε is eps_end
+    assert serving_eps(eps_end=0.1, control_share=0.05) == pytest.approx(0.05)
+    training = epsilon_schedule(Settings.model_validate({}), 1000)
+    assert (training.start, training.end) == (1.0, 0.02)  # training keeps its schedule
 
 
 # --- masked argmax and the NumPy forward ----------------------------------------------------------

@@ -177,9 +177,15 @@ def learner_for(
 
 def epsilon_schedule(settings: Settings, total_decisions: int | None) -> EpsilonSchedule:
     """Training: from eps_start to eps_end over eps_fraction of `total_decisions`. Online learning
-    while serving (None): ε stays at eps_end, so the agent keeps sampling the alternatives it learns
-    about."""
+    while serving (None): the fallback-routed share stays at eps_end, and the guardrail's control arm
+    is already part of it. An exploring decision is the fallback's pick (DqnPolicy.decide), exactly
+    what a control-arm decision is, and both are recorded for learning; so ε adds only what the
+    control share lacks: max(0, eps_end - control_share), 0 at the defaults. Each extra point of
+    fallback routing took a greedy-quality request away: live on foreign backends (11 tuning rounds,
+    benchmarks/results/live_foreign_online_diagnosis.md) --online at ε 0.02 was 1.03x the p99 of
+    --online at ε 0, which was 0.975x greedy's."""
     s = settings
     if total_decisions is None:
-        return EpsilonSchedule(s.eps_end, s.eps_end, 1)
+        eps = max(0.0, s.eps_end - s.control_share)
+        return EpsilonSchedule(eps, eps, 1)
     return EpsilonSchedule.for_training(s.eps_start, s.eps_end, s.eps_fraction, total_decisions)
